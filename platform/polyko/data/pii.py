@@ -1,0 +1,195 @@
+"""PII masking for Korean text, as in Polyglot-Ko (step 3 of ``polyko.data.clean``).
+
+Polyglot-Ko replaced bank account numbers, phone numbers and resident registration numbers with the
+special tokens ``<|acc|>``, ``<|tel|>``, ``<|rrn|>`` (ids 30000-30002 of its tokenizer); polyko adds
+``<|email|>``. Precision matters as much as recall: dates (2023-10-15, 23.10.15), prices
+(15,000원), ISBNs (978-89-...), court case numbers (2020가합12345), times, scores, version numbers and
+plain long numbers must survive. So every pattern is anchored on digit boundaries and uses the real
+Korean numbering plans, and the riskier shapes are validated in Python (only on matches, which are rare):
+
+* ``rrn`` - ``YYMMDD-GNNNNNN``: month 01-12, day 01-31 (checked against the month), G in 1-8
+  (1-4 citizens, 5-8 registered foreigners). With a separator (``-``, space, en dash) the date check is
+  enough; partially hidden forms (``900101-1******``) are masked too (birth date + sex are still PII).
+  Without a separator 13 digits are only an RRN if the check digit is valid - this rejects 9 in 10
+  random 13-digit numbers (EAN-13 barcodes start 880...). Note: RRNs issued since Oct 2020 have random
+  last digits and may fail the check digit, so hyphen-less new numbers can be missed (documented gap).
+* ``tel`` - mobile 010/011/016/017/018/019, Seoul 02, regional 031-033/041-044/051-055/061-064,
+  internet 070, personal 050x, free-call 080; separators ``-`` ``.`` space or none (``(02) 123-4567``,
+  ``02)123-4567`` too); international ``+82 10-1234-5678``, ``+82-10-...``, ``+82 (0)2 ...``,
+  ``+821012345678``; nationwide service numbers ``1588-1234`` (15xx/16xx/18xx with a hyphen or dot) unless
+  the pair reads as a year range (``1950-1953``) or is followed by 년.
+* ``acc`` - hyphenated digit groups in the layouts Korean banks print: 3-2-6 (SC, old 신한), 3-3-6 (신한,
+  케이뱅크), 3-6-5 (하나), 4-3-6 (우리), 4-4-5, 6-2-6 (국민, 우체국, 단위농협), 3-4-4-2 (농협), 3-6-2-3 (기업),
+  4-2-7 (카카오뱅크), 4-4-4 (토스뱅크), 3-2-5/3-6-3 (씨티), and 4-4-4-4 card numbers; plus any 10-14 digit
+  number (plain or hyphenated) right after a bank name or 계좌/계좌번호/입금. Phone and date shapes
+  (3-4-4, 2-4-4, 4-2-2) are not account layouts, and the bank name itself is kept.
+* ``email`` - RFC-ish ``local@domain.tld`` (ASCII local part, ASCII or IDN domain, TLD of letters).
+
+Order: email, rrn, acc, tel (an e-mail may contain a phone number; an IBK account starts with 010).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PII_TOKENS: dict[str, str] = {"acc": "<|acc|>", "tel": "<|tel|>", "rrn": "<|rrn|>", "email": "<|email|>"}
+PII_KINDS: tuple[str, ...] = ("email", "rrn", "acc", "tel")  # application order
+
+
+@dataclass
+class PIIConfig:
+    """Which PII kinds to mask (each replaced by its ``PII_TOKENS`` token)."""
+
+    acc: bool = True
+    """Bank account / card numbers -> ``<|acc|>``."""
+    tel: bool = True
+    """Phone numbers (mobile, landline, 070/050x/080, 15xx service, +82) -> ``<|tel|>``."""
+    rrn: bool = True
+    """Resident registration numbers (주민등록번호, also 외국인등록번호) -> ``<|rrn|>``."""
+    email: bool = True
+    """E-mail addresses -> ``<|email|>``."""
+    rrn_checksum_without_separator: bool = True
+    """13 digits without a separator count as an RRN only if the check digit is valid (precision);
+    False = date check only (higher recall, masks some barcodes)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# e-mail: local part ASCII; domain labels may be IDN (한글.kr) but the TLD is letters.
+_EMAIL_RE = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9가-힣](?:[A-Za-z0-9가-힣-]{0,62}[A-Za-z0-9가-힣])?\.)+"
+    r"[A-Za-z]{2,24}(?![A-Za-z0-9-])"
+)
+
+# RRN: YYMMDD [sep] G NNNNNN. Day validated against month in _rrn_ok.
+_RRN_RE = re.compile(
+    r"(?<![\d-])(\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))"
+    r"(?:(\s?[-–]\s?|\s)([1-8])([\d*]{6})|([1-8])(\d{6}))(?![\d*])"
+)
+_DAYS_IN_MONTH = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_RRN_WEIGHTS = (2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5)
+
+
+def _rrn_ok(m: re.Match, checksum_no_sep: bool) -> bool:
+    date = m.group(1)
+    if int(date[4:6]) > _DAYS_IN_MONTH[int(date[2:4])]:
+        return False
+    if m.group(2) is not None:  # with separator: the date check is enough
+        rest = m.group(4)
+        # '900101-1******' or full digits; reject mixes like '12*4*6' (not a masking style).
+        return rest.isdigit() or rest.lstrip("0123456789").count("*") == len(rest.lstrip("0123456789"))
+    if not checksum_no_sep:
+        return True
+    digits = date + m.group(5) + m.group(6)
+    check = (11 - sum(int(d) * w for d, w in zip(digits[:12], _RRN_WEIGHTS)) % 11) % 10
+    return check == int(digits[12])
+
+
+# Account layouts (digit-group lengths), hyphen required between groups. Longest first.
+_ACC_LAYOUTS = (
+    (4, 4, 4, 4), (3, 6, 2, 3), (3, 4, 4, 2), (6, 2, 6), (3, 6, 5), (4, 4, 5), (4, 3, 6), (4, 2, 7),
+    (3, 3, 6), (3, 2, 6), (4, 4, 4), (3, 2, 5), (3, 6, 3),
+)
+_ACC_LAYOUT_RE = re.compile(
+    r"(?<![\d.,/-])(?:"
+    + "|".join("-".join(r"\d{%d}" % n for n in layout) for layout in _ACC_LAYOUTS)
+    + r")(?![\d-]|\.\d|,\d)"
+)
+_BANKS = (
+    "국민은행|국민|KB국민|KB|신한은행|신한|우리은행|우리|하나은행|하나|KEB하나|농협은행|농협|NH농협|NH|"
+    "기업은행|기업|IBK|카카오뱅크|카카오|케이뱅크|토스뱅크|토스|SC제일은행|SC제일|제일은행|씨티은행|씨티|"
+    "새마을금고|새마을|신협|우체국|수협은행|수협|산업은행|산업|대구은행|대구|부산은행|부산|경남은행|경남|"
+    "광주은행|광주|전북은행|전북|제주은행|제주|iM뱅크|은행|뱅크"
+)
+# Bank name / account keyword, then within a few characters a 10-14 digit number, plain or hyphenated.
+_ACC_KEYWORD_RE = re.compile(
+    r"((?:" + _BANKS + r"|계좌번호|계좌|입금계좌|입금)\s?(?:계좌번호|계좌|번호)?\s?[:：]?\s?(?:\(?[가-힣A-Za-z]{1,6}\)?\s?)?)"
+    r"(?<![\d-])(\d[\d-]{8,18}\d)(?![\d-])"
+)
+
+# Phone numbers. Separator: '-', '.', one space, or none; ')' after the area code.
+_SEP = r"(?:\s?[-.]\s?|\s|\)\s?|)"
+_AREA = r"(?:01[016789]|02|0(?:3[1-3]|4[1-4]|5[1-5]|6[1-4])|070|050\d|080)"
+_TEL_RE = re.compile(
+    r"(?<![\d.,/:\w-])(?:"
+    # +82 forms: +82 10-..., +82-2-..., +82 (0)10 ..., +821012345678
+    r"\+\s?82[-.\s]?(?:\(0\)\s?)?0?(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|80)" + _SEP + r"\d{3,4}" + _SEP + r"\d{4}"
+    # domestic: (02) 123-4567, 010-1234-5678, 01012345678
+    r"|\(?" + _AREA + _SEP + r"\d{3,4}" + r"(?:\s?[-.]\s?|\s|)" + r"\d{4}"
+    r")(?![\d]|[.,-]\d)"
+)
+# Korean '\w' includes Hangul: allow Hangul right before a number ('번호010-...') but not Latin/digit.
+_TEL_RE = re.compile(_TEL_RE.pattern.replace(r"(?<![\d.,/:\w-])", r"(?<![\dA-Za-z.,/:_-])"))
+# Service numbers 15xx/16xx/18xx-xxxx (hyphen or dot only: 8 plain digits are too ambiguous).
+_SERVICE_RE = re.compile(r"(?<![\dA-Za-z.,/:_-])(1[568]\d{2})[-.](\d{4})(?![\d]|[.,-]\d|\s?년)")
+
+
+def _service_ok(m: re.Match) -> bool:
+    a, b = int(m.group(1)), int(m.group(2))
+    # '1950-1953', '1592-1598' read as year ranges; a service number's second group is arbitrary.
+    return not (1500 <= b <= 2099 and b > a)
+
+
+_DIGIT_RE = re.compile(r"\d")
+
+
+def _acc_layout_ok(m: re.Match) -> bool:
+    groups = m.group(0).split("-")
+    # '2019-2020-2021' (4-4-4) is a run of years, not a Toss account.
+    return not all(len(g) == 4 and 1900 <= int(g) <= 2099 for g in groups)
+
+
+class _Masker:
+    """Callable for re.sub that validates matches and counts replacements."""
+
+    __slots__ = ("token", "ok", "n", "group")
+
+    def __init__(self, token: str, ok=None, group: int = 0):
+        self.token, self.ok, self.n, self.group = token, ok, 0, group
+
+    def __call__(self, m: re.Match) -> str:
+        if self.ok is not None and not self.ok(m):
+            return m.group(0)
+        self.n += 1
+        if self.group:  # keep the prefix (bank name) before the masked number
+            return m.group(self.group) + self.token
+        return self.token
+
+
+def _acc_keyword_ok(m: re.Match) -> bool:
+    number = m.group(2)
+    digits = number.replace("-", "")
+    # A phone number after '은행 고객센터' is a phone number (masked as tel later), not an account.
+    return 10 <= len(digits) <= 14 and "--" not in number and _TEL_RE.fullmatch(number) is None
+
+
+def mask_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
+    """Replace PII with ``PII_TOKENS``; returns (text, counts by kind). Counts only non-zero kinds."""
+    counts: dict[str, int] = {}
+    if cfg.email and "@" in text:
+        text, n = _EMAIL_RE.subn(PII_TOKENS["email"], text)
+        if n:
+            counts["email"] = n
+    # Every remaining kind needs at least 7 digits; skip the regexes for text without any digit.
+    if _DIGIT_RE.search(text) is None:
+        return text, counts
+    if cfg.rrn:
+        ck = cfg.rrn_checksum_without_separator
+        mk = _Masker(PII_TOKENS["rrn"], lambda m: _rrn_ok(m, ck))
+        text = _RRN_RE.sub(mk, text)
+        if mk.n:
+            counts["rrn"] = mk.n
+    if cfg.acc:
+        mk = _Masker(PII_TOKENS["acc"], _acc_layout_ok)
+        text = _ACC_LAYOUT_RE.sub(mk, text)
+        mk2 = _Masker(PII_TOKENS["acc"], _acc_keyword_ok, group=1)
+        text = _ACC_KEYWORD_RE.sub(mk2, text)
+        if mk.n + mk2.n:
+            counts["acc"] = mk.n + mk2.n
+    if cfg.tel:
+        text, n = _TEL_RE.subn(PII_TOKENS["tel"], text)
+        mk = _Masker(PII_TOKENS["tel"], _service_ok)
+        text = _SERVICE_RE.sub(mk, text)
+        if n + mk.n:
+            counts["tel"] = n + mk.n
+    return text, counts

@@ -1,0 +1,473 @@
+"""The corpus pipeline on Ray Data: read -> clean -> dedup -> (pack), streaming and restartable.
+
+    python jobs/prepare_data.py --output work/data                     # bundled sample corpus
+    python jobs/prepare_data.py --input corpus/ --input s3://b/more/ --output work/data \\
+        --tokenizer work/tokenizer --seq-len 2048 --set dedup.threshold=0.8
+
+Stages (each committed by a marker written last, so a crash never leaves half an output that looks
+finished, and a rerun skips what is done):
+
+1. **clean** (``DIR/.stages/clean-<hash>/``): :mod:`polyko.data.io` streams every input file
+   (bad records quarantined, never fatal), :func:`polyko.data.clean.clean_text` runs in
+   ``map_batches`` on Arrow batches; every record is written once as Parquet with its fate
+   (``kind`` = kept/filter/bad, ``reason``, byte counts, PII counts). From that: ``DIR/rejected/``
+   (bad input: file, line, reason, raw bytes) and the per-source counts, both computed by Ray
+   (per-block partial counts + ``groupby``), never by pulling documents to the driver.
+2. **dedup** (``DIR/cleaned/``): :func:`polyko.data.dedup.deduplicate` over the kept documents
+   of the whole corpus; the survivors are ``DIR/cleaned/*.parquet`` (``id``, ``text``, ``source``).
+3. **pack** (``DIR/tokens/``, with a tokenizer): :func:`polyko.data.pack.pack_corpus`.
+
+``DIR/stats.json`` gathers documents/bytes in and out, drops per rule and per source, duplicates
+(exact/near), PII masks by kind, bad records by reason and timings; the MLflow run (experiment
+``polyko-data``) logs the counts as metrics and stats.json as an artifact.
+
+Outputs are named by config hash: each output directory holds ``_polyko.json`` with the hash of the
+config that made it (written last). Re-running a finished config does nothing; a different config
+pointed at a directory holding another config's output is a ``ValueError`` (or, with
+``overwrite=True``, replaces it). Memory is bounded by block size: nothing materializes the corpus.
+Runs on a laptop CPU (a private local Ray cluster) or joins a cluster with ``ray_address``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from polyko.config import config_hash, to_dict
+from polyko.data.clean import PII_KINDS, CleanConfig, clean_text
+from polyko.data.dedup import DedupConfig
+from polyko.data.io import SCHEMA, ReadConfig, list_splits, read_batch
+
+log = logging.getLogger(__name__)
+
+# Bump when the on-disk layout or the meaning of a stage changes: old outputs then get new hashes.
+PIPELINE_VERSION = 1
+MARKER = "_polyko.json"
+SUCCESS = "_SUCCESS"
+STATS = "stats.json"
+KINDS = ("kept", "filter", "bad")
+
+
+@dataclass
+class PipelineConfig:
+    """One corpus-preparation run. Only ``inputs``/``read``/``clean``/``dedup`` (and, for the tokens,
+    ``tokenizer``/``seq_len``) name the outputs; addresses and names do not."""
+
+    output: str = "work/data"
+    """Output directory (local path or fsspec URI): cleaned/, rejected/, tokens/, stats.json."""
+    inputs: tuple[str, ...] = ()
+    """Files, directories (recursive) or URIs. Empty = the bundled sample corpus (quickstart)."""
+    tokenizer: str | None = None
+    """Tokenizer directory: when set, the cleaned corpus is packed into DIR/tokens."""
+    seq_len: int = 2048
+    """Tokens per packed sequence (Polyglot-Ko trained at 2048)."""
+    read: ReadConfig = field(default_factory=ReadConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    rows_per_file: int = 100_000
+    """Minimum documents per output Parquet file: fewer, larger files (~100 MB of text at 1 KiB/doc)
+    instead of one tiny file per block."""
+    keep_intermediate: bool = False
+    """Keep DIR/.stages/clean-*/docs (every record with its fate, ~ the corpus size again) after the
+    run; needed only to re-dedup without re-cleaning."""
+    overwrite: bool = False
+    """Replace outputs of a different config in ``output`` instead of refusing."""
+    track: bool = True
+    """Log an MLflow run (experiment ``polyko-data``)."""
+    ray_address: str | None = None
+    """Cluster to join (``auto``, ``ray://...``); None starts a private local cluster."""
+    run_name: str | None = None
+    """MLflow run name (default ``data-<config hash>``)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str):
+            self.inputs = (self.inputs,)
+        self.inputs = tuple(str(p) for p in self.inputs)
+        if self.seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+        if not self.output:
+            raise ValueError("output directory must be set")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-batch work (runs in Ray Data tasks)
+
+
+def clean_batch(t: pa.Table, cfg: CleanConfig) -> pa.Table:
+    """``map_batches`` UDF over reader rows: clean good documents, label every row's fate.
+
+    Adds ``kind`` (kept/filter/bad), ``reason`` (rule or bad-input reason; "kept"), ``bytes_out``
+    (UTF-8 bytes of the cleaned text) and ``pii_<kind>`` counts; ``text`` becomes the cleaned text
+    (null unless kept). Python loop over documents: clean_text itself is regex (C) work.
+    """
+    texts = t.column("text").to_pylist()
+    bad = t.column("bad").to_pylist()
+    n = len(texts)
+    out: list[str | None] = [None] * n
+    kind = ["kept"] * n
+    reason = ["kept"] * n
+    bytes_out = [0] * n
+    pii = {k: [0] * n for k in PII_KINDS}
+    for i in range(n):
+        if bad[i] is not None:
+            kind[i], reason[i] = "bad", bad[i]
+            continue
+        r = clean_text(texts[i], cfg)
+        if r.text is None:
+            kind[i], reason[i] = "filter", r.reason or "unknown"
+            continue
+        out[i] = r.text
+        bytes_out[i] = len(r.text.encode("utf-8"))
+        for k, c in r.pii.items():
+            pii[k][i] = c
+    t = t.set_column(t.schema.get_field_index("text"), "text", pa.array(out, pa.string()))
+    t = t.append_column("kind", pa.array(kind, pa.string()))
+    t = t.append_column("reason", pa.array(reason, pa.string()))
+    t = t.append_column("bytes_out", pa.array(bytes_out, pa.int64()))
+    for k in PII_KINDS:
+        t = t.append_column(f"pii_{k}", pa.array(pii[k], pa.int64()))
+    return t
+
+
+def _count_batch(t: pa.Table, keys: list[str], sums: list[str], count: bool = True) -> pa.Table:
+    """Per-block partial counts: one small row per group (the distributed half of the stats);
+    ``count=False`` re-aggregates partial rows (``n`` is then one of ``sums``)."""
+    g = t.group_by(keys).aggregate([(c, "sum") for c in sums] + ([(keys[0], "count")] if count else []))
+    return g.rename_columns(_names(g, keys, sums))
+
+
+def _names(g: pa.Table, keys: list[str], sums: list[str]) -> list[str]:
+    # pyarrow names aggregates "<col>_<fn>"; map back to plain names
+    out = []
+    for name in g.column_names:
+        if name.endswith("_sum") and name[:-4] in sums:
+            out.append(name[:-4])
+        elif name.endswith("_count"):
+            out.append("n")
+        else:
+            out.append(name)
+    return out
+
+
+def _keep_kept(t: pa.Table) -> pa.Table:
+    return t.filter(pc.equal(t.column("kind"), "kept")).select(["id", "text", "source"])
+
+
+def _keep_bad(t: pa.Table) -> pa.Table:
+    return t.filter(pc.equal(t.column("kind"), "bad")).select(
+        ["file", "line", "offset", "reason", "detail", "bytes_in", "id", "source", "raw"])
+
+
+def _with_bytes(t: pa.Table) -> pa.Table:
+    return t.append_column("bytes", pc.binary_length(t.column("text")).cast(pa.int64()))
+
+
+def grouped_counts(ds: Any, keys: list[str], sums: list[str]) -> list[dict[str, Any]]:
+    """``{keys..., n, sums...}`` rows over a Ray dataset: partial counts per block in
+    ``map_batches``, then a Ray ``groupby`` over those few rows. Only group totals reach the driver."""
+    from ray.data.aggregate import Sum
+
+    partial = ds.map_batches(_count_batch, batch_format="pyarrow", batch_size=None,
+                             fn_kwargs={"keys": keys, "sums": sums})
+    rows = partial.groupby(keys).aggregate(Sum("n", alias_name="n"),
+                                           *[Sum(c, alias_name=c) for c in sums]).take_all()
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output bookkeeping (fsspec, so DIR may be remote)
+
+
+class _Out:
+    def __init__(self, root: str) -> None:
+        import fsspec
+
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.remote = "://" in root and not root.startswith("file://")
+        self.uri = root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.uri, *parts)
+
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self._p(*parts))
+
+    def read_json(self, *parts: str) -> dict[str, Any] | None:
+        p = self._p(*parts)
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "r") as f:
+            return json.load(f)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        """Atomic on a local disk (tmp + rename); object stores write whole objects anyway."""
+        p = self._p(*parts)
+        self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
+        tmp = p + ".tmp"
+        with self.fs.open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
+        self.fs.mv(tmp, p)
+
+    def rm(self, *parts: str) -> None:
+        p = self._p(*parts)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+
+def _claim(out: _Out, name: str, want: str, cfg: PipelineConfig) -> bool:
+    """True when ``DIR/name`` already holds the output of hash ``want`` (skip). Clears a leftover
+    without a marker (crashed write). Another hash is a ValueError unless ``overwrite``."""
+    marker = out.read_json(name, MARKER)
+    if marker is not None and marker.get("config_hash") == want:
+        return True
+    if marker is not None and not cfg.overwrite:
+        raise ValueError(
+            f"{out.path(name)} holds output of another config (hash {marker.get('config_hash')}, "
+            f"this run {want}); use a new --output directory or --set overwrite=true to replace it")
+    out.rm(name)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_hashes(cfg: PipelineConfig, splits: list[dict[str, Any]], tok_hash: str | None) -> dict[str, str]:
+    """Hashes naming each stage's output: what goes in, and the config of every stage up to it."""
+    files = sorted({(s["path"], s["size"]) for s in splits})
+    clean_h = config_hash({"v": PIPELINE_VERSION, "files": files, "read": to_dict(cfg.read),
+                           "clean": to_dict(cfg.clean)})
+    dedup_h = config_hash({"clean": clean_h, "dedup": to_dict(cfg.dedup)})
+    out = {"clean": clean_h, "dedup": dedup_h}
+    if tok_hash is not None:
+        out["pack"] = config_hash({"dedup": dedup_h, "tokenizer": tok_hash, "seq_len": cfg.seq_len})
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume, or skip) the pipeline; returns the stats (also written to DIR/stats.json)."""
+    t_start = time.time()
+    if not cfg.inputs:
+        from polyko.data.clean import SAMPLE_DIR
+
+        cfg = PipelineConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+                                "inputs": (str(SAMPLE_DIR),)})
+    splits = list_splits(cfg.inputs, cfg.read.split_bytes)
+    tok_hash = None
+    if cfg.tokenizer:
+        from polyko.tokenizer import tokenizer_hash
+
+        tok_hash = tokenizer_hash(cfg.tokenizer)
+    hashes = plan_hashes(cfg, splits, tok_hash)
+    out = _Out(cfg.output)
+
+    # Refuse early (before any work) if DIR holds another config's output.
+    done_rej = _claim(out, "rejected", hashes["clean"], cfg)
+    done_clean = _claim(out, "cleaned", hashes["dedup"], cfg)
+    done_pack = _claim(out, "tokens", hashes["pack"], cfg) if "pack" in hashes else True
+    stats = out.read_json(STATS)
+    if done_rej and done_clean and done_pack and stats and stats.get("hashes") == hashes:
+        log.info("skipped: %s already holds the finished output of this config (%s)", cfg.output, hashes)
+        return stats
+
+    if not cfg.track:
+        return _run(cfg, out, splits, hashes, tok_hash, t_start, done_rej, done_clean, done_pack, None)
+    from polyko import tracking
+
+    parents = tracking.lineage(cfg.tokenizer) if cfg.tokenizer else {}
+    with tracking.start_run("data", cfg, output=cfg.output if not out.remote else None, parents=parents,
+                            run_name=cfg.run_name, tags={"polyko.data.hash": hashes["dedup"]}) as run:
+        stats = _run(cfg, out, splits, hashes, tok_hash, t_start, done_rej, done_clean, done_pack, run)
+        _log_mlflow(stats, out)
+        stats["mlflow_run_id"] = run.info.run_id
+    return stats
+
+
+def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: dict[str, str],
+         tok_hash: str | None, t_start: float, done_rej: bool, done_clean: bool, done_pack: bool,
+         run: Any) -> dict[str, Any]:
+    import ray
+
+    from polyko.cluster import init_ray
+
+    init_ray(cfg.ray_address)
+    timings: dict[str, float] = {}
+    stage = f".stages/clean-{hashes['clean']}"
+    docs = out.path(stage, "docs")
+
+    # ---- stage 1: read + clean, every record with its fate -----------------------------------
+    clean_done = out.read_json(stage, SUCCESS)
+    if clean_done is not None and (done_clean or out.exists(stage, "docs")):
+        log.info("clean stage %s already done: skipped", hashes["clean"])
+        clean_stats = clean_done["stats"]
+        timings.update(clean_done.get("timings", {}))
+        done_rej = done_rej or _claim(out, "rejected", hashes["clean"], cfg)
+    else:
+        done_rej = False
+        out.rm(stage)
+        out.rm("rejected")
+        t0 = time.time()
+        ds = ray.data.from_items(splits, override_num_blocks=max(1, len(splits)))
+        ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy", fn_kwargs={"cfg": cfg.read})
+        ds = ds.map_batches(clean_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.clean})
+        ds.write_parquet(docs, min_rows_per_file=cfg.rows_per_file)
+        timings["read_clean_s"] = round(time.time() - t0, 3)
+        t0 = time.time()
+        sums = ["bytes_in", "bytes_out", *(f"pii_{k}" for k in PII_KINDS)]
+        clean_stats = grouped_counts(ray.data.read_parquet(docs, columns=["source", "kind", "reason", *sums]),
+                                     ["source", "kind", "reason"], sums)
+        timings["clean_stats_s"] = round(time.time() - t0, 3)
+        out.write_json({"config_hash": hashes["clean"], "stats": clean_stats, "timings": timings}, stage, SUCCESS)
+    if not done_rej:
+        t0 = time.time()
+        n_bad = sum(r["n"] for r in clean_stats if r["kind"] == "bad")
+        if n_bad:
+            (ray.data.read_parquet(docs, columns=[f.name for f in SCHEMA if f.name not in ("text", "bad")]
+                                   + ["kind", "reason"])
+             .map_batches(_keep_bad, batch_format="pyarrow", batch_size=None)
+             .write_parquet(out.path("rejected"), min_rows_per_file=cfg.rows_per_file))
+        out.write_json({"config_hash": hashes["clean"], "records": n_bad}, "rejected", MARKER)
+        timings["rejected_s"] = round(time.time() - t0, 3)
+
+    # ---- stage 2: dedup over the whole corpus -> DIR/cleaned ----------------------------------
+    if done_clean:
+        log.info("dedup stage %s already done: skipped", hashes["dedup"])
+        marker = out.read_json("cleaned", MARKER)
+        dedup_stats, out_stats = marker["dedup"], marker["out"]
+    else:
+        from polyko.data.dedup import deduplicate
+
+        t0 = time.time()
+        kept = (ray.data.read_parquet(docs, columns=["id", "text", "source", "kind"])
+                .map_batches(_keep_kept, batch_format="pyarrow", batch_size=None))
+        survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="id")
+        survivors.select_columns(["id", "text", "source"]).write_parquet(
+            out.path("cleaned"), min_rows_per_file=cfg.rows_per_file)
+        timings["dedup_write_s"] = round(time.time() - t0, 3)
+        t0 = time.time()
+        out_stats = grouped_counts(
+            ray.data.read_parquet(out.path("cleaned"), columns=["source", "text"]).map_batches(
+                _with_bytes, batch_format="pyarrow", batch_size=None).select_columns(["source", "bytes"]),
+            ["source"], ["bytes"])
+        dedup_stats = grouped_counts(removed.select_columns(["source", "kind"]), ["source", "kind"], [])
+        timings["dedup_stats_s"] = round(time.time() - t0, 3)
+        out.write_json({"config_hash": hashes["dedup"], "clean_hash": hashes["clean"], "dedup": dedup_stats,
+                        "out": out_stats, "timings": timings}, "cleaned", MARKER)
+
+    # ---- stage 3: pack ------------------------------------------------------------------------
+    manifest = None
+    if cfg.tokenizer:
+        if done_pack:
+            log.info("pack stage %s already done: skipped", hashes["pack"])
+            manifest = out.read_json("tokens", "manifest.json")
+        else:
+            from polyko.data.pack import pack_corpus
+
+            t0 = time.time()
+            manifest = pack_corpus(out.path("cleaned"), cfg.tokenizer, out.path("tokens"), seq_len=cfg.seq_len)
+            timings["pack_s"] = round(time.time() - t0, 3)
+            out.write_json({"config_hash": hashes["pack"], "dedup_hash": hashes["dedup"], "tokenizer_hash": tok_hash,
+                            "seq_len": cfg.seq_len}, "tokens", MARKER)
+
+    if not cfg.keep_intermediate:
+        out.rm(stage, "docs")
+    timings["total_s"] = round(time.time() - t_start, 3)
+    stats = summarize(clean_stats, dedup_stats, out_stats, manifest)
+    stats.update({"hashes": hashes, "output": cfg.output, "inputs": list(cfg.inputs),
+                  "input_files": len({s["path"] for s in splits}),
+                  "input_file_bytes": sum(s["size"] for s in splits if s["start"] == 0),
+                  "timings_s": timings})
+    out.write_json(stats, STATS)
+    log.info("data pipeline done: %d -> %d documents, %.1f -> %.1f MB; stats in %s", stats["documents_in"],
+             stats["documents_out"], stats["bytes_in"] / 1e6, stats["bytes_out"] / 1e6, out.path(STATS))
+    return stats
+
+
+def summarize(clean_rows: list[dict], dedup_rows: list[dict], out_rows: list[dict],
+              manifest: dict | None) -> dict[str, Any]:
+    """Fold grouped counts into the stats.json layout (totals + per source)."""
+    per: dict[str, dict[str, Any]] = {}
+
+    def src(name: str) -> dict[str, Any]:
+        return per.setdefault(name, {"documents_in": 0, "bytes_in": 0, "bad": {}, "filtered": {},
+                                     "pii_masked": {}, "kept_after_clean": 0, "bytes_after_clean": 0,
+                                     "duplicates": {"exact": 0, "near": 0}, "documents_out": 0, "bytes_out": 0})
+
+    for r in clean_rows:
+        s = src(r["source"])
+        s["documents_in"] += r["n"]
+        s["bytes_in"] += r["bytes_in"]
+        if r["kind"] == "bad":
+            s["bad"][r["reason"]] = s["bad"].get(r["reason"], 0) + r["n"]
+        elif r["kind"] == "filter":
+            s["filtered"][r["reason"]] = s["filtered"].get(r["reason"], 0) + r["n"]
+        else:
+            s["kept_after_clean"] += r["n"]
+            s["bytes_after_clean"] += r["bytes_out"]
+            for k in PII_KINDS:
+                if r[f"pii_{k}"]:
+                    s["pii_masked"][k] = s["pii_masked"].get(k, 0) + r[f"pii_{k}"]
+    for r in dedup_rows:
+        d = src(r["source"])["duplicates"]
+        d[r["kind"]] = d.get(r["kind"], 0) + r["n"]
+    for r in out_rows:
+        s = src(r["source"])
+        s["documents_out"] += r["n"]
+        s["bytes_out"] += r["bytes"]
+
+    def total(key: str) -> Any:
+        vals = [s[key] for s in per.values()]
+        if vals and isinstance(vals[0], dict):
+            acc: dict[str, int] = {}
+            for v in vals:
+                for k, c in v.items():
+                    acc[k] = acc.get(k, 0) + c
+            return dict(sorted(acc.items()))
+        return sum(vals)
+
+    stats = {k: total(k) for k in ("documents_in", "bytes_in", "kept_after_clean", "bytes_after_clean",
+                                   "documents_out", "bytes_out")}
+    stats["bad_records"] = total("bad")
+    stats["filtered"] = total("filtered")
+    stats["pii_masked"] = total("pii_masked")
+    stats["duplicates_removed"] = total("duplicates")
+    stats["per_source"] = dict(sorted(per.items()))
+    if manifest is not None:
+        stats["tokens"] = {k: manifest.get(k) for k in ("num_sequences", "seq_len", "dtype", "num_tokens",
+                                                        "tokens_dropped") if k in manifest}
+    return stats
+
+
+def _log_mlflow(stats: dict[str, Any], out: _Out) -> None:
+    import mlflow
+
+    from polyko.tracking import metric_name
+
+    m: dict[str, float] = {}
+    for k in ("documents_in", "bytes_in", "kept_after_clean", "documents_out", "bytes_out"):
+        m[k] = stats[k]
+    for group in ("bad_records", "filtered", "pii_masked", "duplicates_removed"):
+        for k, v in stats[group].items():
+            m[f"{group}.{k}"] = v
+    for name, s in list(stats["per_source"].items())[:200]:  # bounded: one metric family per source
+        for k in ("documents_in", "documents_out", "bytes_out"):
+            m[f"source.{name}.{k}"] = s[k]
+    for k, v in stats.get("timings_s", {}).items():
+        m[f"time.{k}"] = v
+    for k, v in stats.get("tokens", {}).items():
+        if isinstance(v, (int, float)):
+            m[f"tokens.{k}"] = v
+    mlflow.log_metrics({metric_name(k): float(v) for k, v in m.items()})
+    if out.remote:
+        mlflow.log_dict(stats, STATS)
+    else:
+        mlflow.log_artifact(out.path(STATS))

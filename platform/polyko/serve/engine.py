@@ -1,0 +1,495 @@
+"""Batched text generation for one checkpoint: the engine behind every model replica.
+
+:class:`HFEngine` runs a transformers causal LM with a KV cache. Requests from concurrent HTTP
+calls are queued; an asyncio loop takes up to ``max_batch_size`` of them, left-pads them into ONE
+prefill forward pass (attention mask + position ids so padding changes nothing), then decodes all
+of them together one token per step, reusing the KV cache. Finished sequences leave the batch
+(their cache rows are dropped), so short requests don't pay for long ones. Forward passes run in
+a dedicated thread: the replica's event loop keeps answering health checks and queueing requests.
+
+Per-sequence sampling: greedy at temperature 0, else temperature + nucleus (top_p) sampling with a
+per-sequence ``torch.Generator`` (``seed`` makes it reproducible). Log-probabilities are those of
+the model's distribution (before temperature/top_p), over the full embedding rows; ``echo``
+returns the prompt's log-probs too (first entry ``None``), which is what lm-eval's
+``local-completions`` needs for log-likelihoods.
+
+The public surface (``prepare`` -> ``Sequence`` objects, ``submit``, ``close``) is what a vLLM
+engine would implement on GPU nodes (``EngineConfig.kind = "vllm"``; not built yet).
+
+On a CPU::
+
+    eng = HFEngine("work/export/tiny", EngineConfig())
+    # inside an event loop:
+    seqs = eng.prepare({"prompt": "안녕하세요", "max_tokens": 8, ...})
+    await eng.run(seqs)   # fills seqs[i].generated / .text / .finish_reason
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from polyko.serve.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+class RequestError(Exception):
+    """A request the service refuses; becomes an OpenAI error body with this HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type = message, param, status, type
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def overloaded(message: str, retry_after: float = 1.0) -> RequestError:
+    return RequestError(message, None, status=503, type="overloaded_error", code="overloaded",
+                        retry_after=retry_after)
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` if it is an HF checkpoint with safetensors weights, else a ``ValueError`` that says
+    why. Pickle weights (``*.bin``/``*.pt``) are refused: unpickling can run arbitrary code."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"checkpoint {str(p)!r} is not a directory (give an HF checkpoint dir or a models:/ URI)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"checkpoint {str(p)!r} has no config.json: not a Hugging Face checkpoint directory")
+    if not list(p.glob("*.safetensors")):
+        pickles = sorted(f.name for pat in PICKLE_WEIGHTS for f in p.glob(pat))
+        detail = f" (found only pickle weights {pickles})" if pickles else ""
+        raise ValueError(
+            f"checkpoint {str(p)!r} has no *.safetensors weights{detail}. polyko serves safetensors only, "
+            "because loading pickle weights can execute code; convert with "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)` "
+            "in a trusted environment.")
+    return p
+
+
+@dataclass
+class SamplingParams:
+    """Validated generation parameters of one sequence (see :mod:`polyko.serve.api`)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None     # top log-probs per token (None: no logprobs at all)
+    echo: bool = False
+    ignore_eos: bool = False
+
+
+class Sequence:
+    """One prompt on its way through the engine. The loop appends tokens; the request coroutine
+    waits on ``updated`` (set after each step that changed it) and reads the fields."""
+
+    def __init__(self, index: int, prompt_ids: list[int], prompt_text: str | None, params: SamplingParams,
+                 deadline: float):
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.prompt_text = prompt_text          # the request's string, or None for token-id prompts
+        self.params = params
+        self.deadline = deadline
+        self.generated: list[int] = []
+        self.gen_logprobs: list[float] = []
+        self.gen_top: list[dict[int, float]] = []
+        self.prompt_logprobs: list[float | None] = []
+        self.prompt_top: list[dict[int, float] | None] = []
+        self.text = ""                          # generated text, truncated at a stop string
+        self.finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "timeout" | "error"
+        self.error: RequestError | None = None
+        self.cancelled = False
+        self.updated: asyncio.Event | None = None   # created on the engine's loop
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def _notify(self) -> None:
+        if self.updated is not None:
+            self.updated.set()
+
+    def safe_text_end(self) -> int:
+        """Length of ``text`` that can be streamed now: an unfinished sequence holds back a tail
+        that may still become a stop string, and an incomplete UTF-8 character."""
+        if self.done:
+            return len(self.text)
+        end = len(self.text)
+        while end > 0 and self.text[end - 1] == "\ufffd":
+            end -= 1
+        hold = 0
+        for s in self.params.stop:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if self.text[:end].endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return end - hold
+
+
+def _resolve_device_dtype(cfg: EngineConfig):
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        if not hasattr(torch, cfg.dtype):
+            raise ValueError(f"engine.dtype {cfg.dtype!r} is not a torch dtype")
+        dtype = getattr(torch, cfg.dtype)
+    return device, dtype
+
+
+class HFEngine:
+    """A transformers model + tokenizer + batching loop. Create on the replica's event loop thread;
+    loading takes seconds (``load`` runs in a thread)."""
+
+    def __init__(self, model_dir: str | os.PathLike, cfg: EngineConfig, *, name: str = "",
+                 num_threads: int = 0, max_stop: int = 4):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if cfg.kind != "hf":
+            raise ValueError(f"engine.kind {cfg.kind!r} is not available in this build (only 'hf')")
+        self.torch = torch
+        self.cfg = cfg
+        self.name = name or Path(model_dir).name
+        path = check_checkpoint_dir(model_dir)
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        self.device, self.dtype = _resolve_device_dtype(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # use_safetensors=True: transformers refuses pickle weights instead of falling back to them.
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=self.dtype,
+                                                     trust_remote_code=False)
+        self.model = model.to(self.device).eval()
+        self.base = self.model.base_model
+        import inspect
+
+        from transformers import DynamicCache
+        self._new_cache = lambda: DynamicCache(config=self.model.config)
+        # transformers 5.x renames past_key_values -> cache (deprecated name warns); support both.
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        self.lm_head = self.model.get_output_embeddings()
+        config = self.model.config
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        self.vocab_rows = int(self.lm_head.weight.shape[0])
+        self.n_tokens = min(len(self.tokenizer), self.vocab_rows)   # ids a tokenizer can decode
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Raw vocabulary strings: unique per id (decoded bytes are not), as lm-eval's top_logprobs needs.
+        toks = self.tokenizer.convert_ids_to_tokens(list(range(self.n_tokens)))
+        self.vocab = [t if t is not None else f"<|id_{i}|>" for i, t in enumerate(toks)]
+        self.vocab += [f"<|id_{i}|>" for i in range(len(self.vocab), self.vocab_rows)]
+        self.max_stop = max_stop
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.name}")
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.tokens_generated = 0
+        self.on_close = None    # called once by close() (the replica updates its resident-models gauge)
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, prompts: list[str | list[int]], params: SamplingParams, *, timeout_s: float,
+                seed_offset: bool = True) -> list[Sequence]:
+        """Tokenize and check the prompts of one request (``RequestError`` naming ``prompt`` or
+        ``max_tokens`` when they do not fit the context)."""
+        deadline = time.monotonic() + timeout_s
+        seqs = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p, add_special_tokens=False)
+                text = p
+            else:
+                bad = [t for t in p if t < 0 or t >= self.vocab_rows]
+                if bad:
+                    raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_rows})",
+                                       "prompt")
+                ids, text = list(p), None
+            if not ids:
+                raise RequestError("prompt is empty after tokenization", "prompt")
+            if len(ids) > self.max_context or (len(ids) == self.max_context and params.max_tokens > 0):
+                raise RequestError(f"prompt {i} has {len(ids)} tokens; this model's context is {self.max_context} "
+                                   "tokens (prompt + max_tokens must fit)", "prompt", code="context_length_exceeded")
+            if len(ids) + params.max_tokens > self.max_context:
+                raise RequestError(f"prompt {i} has {len(ids)} tokens and max_tokens is {params.max_tokens}; "
+                                   f"together they exceed this model's context of {self.max_context} tokens",
+                                   "max_tokens", code="context_length_exceeded")
+            sp = params
+            if params.seed is not None and seed_offset and i:
+                sp = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+            seqs.append(Sequence(i, ids, text, sp, deadline))
+        return seqs
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences for the batching loop (503 when the queue is full)."""
+        if self._closed:
+            raise overloaded(f"model {self.name!r} was unloaded from this replica; retry", 1.0)
+        if len(self._waiting) + len(seqs) > self.cfg.max_queued:
+            raise overloaded(f"model {self.name!r} has {len(self._waiting)} sequences queued; retry later",
+                             retry_after=1.0)
+        self._ensure_loop()
+        ev = asyncio.Event()   # one event per request: set when any of its sequences changed
+        for s in seqs:
+            s.updated = ev
+            self._waiting.append(s)
+        self._wake.set()
+
+    async def run(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Submit and wait until every sequence is finished (cancelled if this coroutine is)."""
+        self.submit(seqs)
+        try:
+            async for _ in self.updates(seqs):
+                pass
+        finally:
+            for s in seqs:
+                s.cancelled = True
+        for s in seqs:
+            if s.error is not None:
+                raise s.error
+        return seqs
+
+    async def updates(self, seqs: list[Sequence]):
+        """Yield once after every engine step that changed one of ``seqs`` (already submitted),
+        until all are finished."""
+        ev = seqs[0].updated
+        while True:
+            ev.clear()
+            yield
+            if all(s.done for s in seqs):
+                return
+            await ev.wait()
+
+    def close(self) -> None:
+        """Stop the loop and free the model (idempotent; callable from any thread)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        if self.on_close is not None:
+            self.on_close()
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for s in list(self._waiting):
+            s.error = overloaded(f"model {self.name!r} was unloaded; retry")
+            s.finish_reason = "error"
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(s._notify)
+        self._waiting.clear()
+        self.model = self.base = self.lm_head = None
+
+    def __del__(self):
+        # Serve's multiplexer calls __del__ when it evicts a model (LRU); GC may call it again.
+        self.close()
+
+    # ------------------------------------------------------------------ batching loop
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+            self._task = self._loop.create_task(self._run_loop())
+
+    async def _run_loop(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting and not self._closed:
+                if len(self._waiting) < self.cfg.max_batch_size and self.cfg.batch_wait_ms > 0:
+                    # Let concurrent requests arrive: costs <= batch_wait_ms latency, fills the batch.
+                    await asyncio.sleep(self.cfg.batch_wait_ms / 1000)
+                batch: list[Sequence] = []
+                while self._waiting and len(batch) < self.cfg.max_batch_size:
+                    s = self._waiting.popleft()
+                    if not s.cancelled:
+                        batch.append(s)
+                if not batch:
+                    continue
+                try:
+                    await self._run_batch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a bug or OOM: fail this batch, keep serving
+                    log.exception("engine %s: batch of %d failed", self.name, len(batch))
+                    for s in batch:
+                        if not s.done:
+                            s.error = RequestError(f"generation failed: {type(e).__name__}: {e}", None,
+                                                   status=500, type="server_error")
+                            s.finish_reason = "error"
+                            s._notify()
+
+    async def _run_batch(self, seqs: list[Sequence]) -> None:
+        loop = asyncio.get_running_loop()
+        state, picks = await loop.run_in_executor(self._executor, self._prefill, seqs)
+        for s in seqs:
+            if s.params.max_tokens == 0:        # echo-only scoring request
+                s.finish_reason = "length"
+        active = [i for i, s in enumerate(seqs) if not s.done]
+        while True:
+            now = time.monotonic()
+            for i in active:
+                s = seqs[i]
+                if s.cancelled:
+                    s.finish_reason = "cancelled"
+                elif now > s.deadline:
+                    s.finish_reason = "timeout"
+                else:
+                    self._append(s, *picks[i])
+            for s in seqs:
+                s._notify()
+            keep = [j for j, i in enumerate(active) if not seqs[i].done]
+            if not keep:
+                return
+            active = [active[j] for j in keep]
+            picks = await loop.run_in_executor(self._executor, self._decode, state, keep, [seqs[i] for i in active])
+            picks = {i: p for i, p in zip(active, picks)}
+
+    def _append(self, s: Sequence, tok: int, lp: float, top: dict[int, float]) -> None:
+        s.generated.append(tok)
+        self.tokens_generated += 1
+        if s.params.logprobs is not None:
+            s.gen_logprobs.append(lp)
+            s.gen_top.append(top)
+        if tok in self.eos_ids and not s.params.ignore_eos:
+            s.finish_reason = "stop"
+            return
+        if len(s.generated) >= s.params.max_tokens:
+            s.finish_reason = "length"
+        ids = [t for t in s.generated if t < self.n_tokens and (s.params.ignore_eos or t not in self.eos_ids)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if s.params.stop:
+            hits = [(text.find(st), st) for st in s.params.stop]
+            hits = [h for h in hits if h[0] >= 0]
+            if hits:
+                text = text[:min(hits)[0]]
+                s.finish_reason = "stop"
+        s.text = text
+
+    # ------------------------------------------------------------------ model (engine thread)
+    def _select(self, logits, seqs: list[Sequence]) -> list[tuple[int, float, dict[int, float]]]:
+        """Pick the next token of each row; return (token, its log-prob, top log-probs)."""
+        torch = self.torch
+        logits = logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        # Embedding rows past the tokenizer (vocab padded to a multiple of 128) are never emitted.
+        masked = logits[:, :self.n_tokens]
+        greedy = masked.argmax(dim=-1).tolist()
+        out = []
+        for r, s in enumerate(seqs):
+            p = s.params
+            tok = greedy[r]
+            if p.temperature > 0:
+                z = masked[r] / p.temperature
+                if p.top_p < 1.0:
+                    sorted_z, idx = torch.sort(z, descending=True)
+                    cum = torch.softmax(sorted_z, -1).cumsum(-1)
+                    drop = (cum - torch.softmax(sorted_z, -1)) >= p.top_p   # keep the smallest prefix reaching top_p
+                    sorted_z[drop] = float("-inf")
+                    z = torch.full_like(z, float("-inf")).scatter(0, idx, sorted_z)
+                gen = getattr(s, "_gen", None)
+                if gen is None:
+                    gen = torch.Generator(device=z.device)
+                    gen.manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+                    s._gen = gen
+                tok = int(torch.multinomial(torch.softmax(z, -1), 1, generator=gen).item())
+            lp = float(logp[r, tok])
+            top: dict[int, float] = {}
+            if p.logprobs is not None:
+                if p.logprobs > 0:
+                    v, i = torch.topk(logp[r], p.logprobs)
+                    top = dict(zip(i.tolist(), v.tolist()))
+                top.setdefault(tok, lp)   # OpenAI: the chosen token is always listed
+            out.append((tok, lp, top))
+        return out
+
+    def _prefill(self, seqs: list[Sequence]):
+        torch = self.torch
+        with torch.inference_mode():
+            B = len(seqs)
+            L = max(len(s.prompt_ids) for s in seqs)
+            ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((B, L), dtype=torch.long)
+            for i, s in enumerate(seqs):      # left padding: every row's last token is at L-1
+                n = len(s.prompt_ids)
+                ids[i, L - n:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+                mask[i, L - n:] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+            cache = self._new_cache()
+            out = self.base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            **{self._cache_kw: cache})
+            hidden = out.last_hidden_state
+            for i, s in enumerate(seqs):
+                if s.params.echo and s.params.logprobs is not None:
+                    self._prompt_logprobs(s, hidden[i, L - len(s.prompt_ids):L - 1], ids[i, L - len(s.prompt_ids) + 1:])
+            logits = self.lm_head(hidden[:, -1])
+            state = {"cache": cache, "mask": mask, "pos": pos[:, -1]}
+            return state, self._select(logits, seqs)
+
+    def _prompt_logprobs(self, s: Sequence, h, targets) -> None:
+        torch = self.torch
+        k = s.params.logprobs
+        # Chunks bound the [n, vocab] float32 buffer (~120 kB per position at vocab 30k).
+        lps, tops = [None], [None]
+        for a in range(0, h.shape[0], 256):
+            logp = torch.log_softmax(self.lm_head(h[a:a + 256]).float(), dim=-1)
+            t = targets[a:a + 256]
+            tl = logp.gather(1, t[:, None])[:, 0]
+            lps.extend(tl.tolist())
+            if k > 0:
+                v, idx = torch.topk(logp, k, dim=-1)
+                rows = [dict(zip(ii, vv)) for ii, vv in zip(idx.tolist(), v.tolist())]
+            else:
+                rows = [{} for _ in range(len(t))]
+            for row, tok, lp in zip(rows, t.tolist(), tl.tolist()):
+                row.setdefault(tok, lp)
+            tops.extend(rows)
+        s.prompt_logprobs, s.prompt_top = lps, tops
+
+    def _decode(self, state: dict, keep: list[int], seqs: list[Sequence]):
+        torch = self.torch
+        with torch.inference_mode():
+            cache, mask, pos = state["cache"], state["mask"], state["pos"]
+            tokens = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.long, device=self.device)
+            if len(keep) < mask.shape[0]:      # drop finished rows from the batch and the KV cache
+                sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(sel)
+                mask, pos = mask[sel], pos[sel]
+            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            pos = pos + 1
+            out = self.base(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
+                            use_cache=True, **{self._cache_kw: cache})
+            state.update(mask=mask, pos=pos)
+            return self._select(self.lm_head(out.last_hidden_state[:, -1]), seqs)
+
+    # ------------------------------------------------------------------ helpers for responses
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return [self.vocab[i] for i in ids]
+
+    def text_offsets(self, ids: list[int], start: int = 0) -> list[int]:
+        """Character offset of each token in the decoded text (prefix decoding: exact for
+        byte-level BPE, O(n^2) characters but fast in Rust for prompts of a few thousand tokens)."""
+        prefixes = self.tokenizer.batch_decode([ids[:i] for i in range(len(ids))], skip_special_tokens=False)
+        return [start + len(p) for p in prefixes]

@@ -1,0 +1,251 @@
+"""Pretraining configuration: typed nested dataclasses with per-size defaults.
+
+``PretrainConfig`` is everything a run needs; it is hashed to name the run and logged to MLflow.
+Fields left ``None`` are filled per model size by :meth:`PretrainConfig.resolved` (batch, learning
+rate, ZeRO stage, micro-batch, precision) so ``--size 1.3b`` alone gives a sensible GPU recipe and
+``--size tiny`` a CPU one. The DeepSpeed JSON is *built* from the config (:func:`deepspeed_config`);
+``deepspeed.extra_json`` (from ``--deepspeed-config FILE``) is merged on top, last.
+
+Batch arithmetic (fixed global batch, elastic worker count): the global batch in sequences
+``G = global_batch_tokens / seq_len`` never changes; with ``w`` workers each worker takes ``G / w``
+sequences per step as ``acc`` micro-batches of ``m`` (``m`` = the largest divisor of ``G / w`` not
+above ``batch.micro_batch``). So a run resumed on fewer workers takes the same optimizer steps over
+the same samples, only with more gradient accumulation.
+
+CPU: ``PretrainConfig(model=ModelConfig(size="tiny"), data=DataConfig(path=..., tokenizer=...))``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+# Global batch in tokens per size. 1.3b/3.8b: Polyglot-Ko's ~2M tokens (1024 x 2048); 5.8b/12.8b: its
+# ~0.5M (256 x 2048). tiny/50m: small enough that a CPU step takes well under a second / a few seconds.
+GLOBAL_BATCH_TOKENS = {"tiny": 8_192, "50m": 16_384, "1.3b": 2_097_152, "3.8b": 2_097_152,
+                       "5.8b": 524_288, "12.8b": 524_288}
+# Largest micro-batch per worker (sequences): what fits an 80 GB GPU at 2,048 tokens with the default
+# ZeRO stage and activation checkpointing; on a CPU it bounds the activation memory.
+MICRO_BATCH = {"tiny": 16, "50m": 8, "1.3b": 8, "3.8b": 4, "5.8b": 4, "12.8b": 2}
+# Peak learning rates: GPT-3 paper table for similar sizes; tiny/50m tolerate more.
+LEARNING_RATE = {"tiny": 1e-3, "50m": 6e-4, "1.3b": 2e-4, "3.8b": 1.6e-4, "5.8b": 1.2e-4, "12.8b": 1e-4}
+# ZeRO stage: shard optimizer state (1), + gradients (2), + parameters (3) only when memory needs it;
+# every stage above the need costs communication. tiny/50m use 2 to exercise the real sharded path.
+ZERO_STAGE = {"tiny": 2, "50m": 2, "1.3b": 1, "3.8b": 2, "5.8b": 2, "12.8b": 3}
+# DeepSpeed keys derived from this config; setting them in extra_json would break the batch arithmetic.
+_DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"                 # a polyko.model.PRESETS name
+    init_from: str | None = None       # HF checkpoint dir to continue from (weights only, step 0)
+    activation_checkpointing: bool | None = None  # None: on for GPU sizes >= 1.3b (~30% more compute, far less memory)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                     # packed token dataset (a dir with manifest.json, or its parent with tokens/)
+    tokenizer: str = ""                # tokenizer dir the tokens were made with (checked against the manifest)
+    shuffle: bool = True               # epoch-wise seeded permutation of sequences
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None            # peak learning rate; None: per size (LEARNING_RATE)
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio (GPT-3, Chinchilla)
+    warmup_steps: int | None = None    # None: 1% of steps, at least 1 (tiny runs need short warmups)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95                # GPT-NeoX / Polyglot-Ko value; 0.999 is less stable at scale
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class BatchConfig:
+    global_batch_tokens: int | None = None  # None: per size (GLOBAL_BATCH_TOKENS); must be a multiple of seq_len
+    micro_batch: int | None = None     # max sequences per worker per forward; None: per size (MICRO_BATCH)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int | None = None      # 0-3; None: per size (ZERO_STAGE)
+    precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
+    extra_json: str | None = None      # DeepSpeed JSON merged on top of the built config (--deepspeed-config FILE)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100             # save every N optimizer steps (and at the last step)
+    keep: int = 2                      # checkpoints kept (a ZeRO checkpoint holds fp32 master + Adam: 16 B/param)
+    resume_from: str | None = None     # a checkpoint dir (step_XXXXXX) to start from when the run has none yet
+
+
+@dataclass
+class FaultConfig:
+    max_failures: int = 3              # worker-group restarts before the run fails (-1: unlimited)
+    hang_timeout_s: int = 600          # a collective blocked this long raises; Ray Train restarts the group
+    inject: str | None = None          # chaos testing: "crash@STEP:RANK", "exit@STEP:RANK" or "hang@STEP:RANK", fires once
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2               # fixed worker count (ignored when min/max_workers are set)
+    min_workers: int | None = None     # elastic: run on anything between min and max workers
+    max_workers: int | None = None
+    use_gpu: bool = False
+    cpus_per_worker: int = 1           # CPU threads per worker (torch.set_num_threads on CPU)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None or self.max_workers is not None
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        if not self.elastic:
+            return self.num_workers
+        lo = self.min_workers if self.min_workers is not None else 1
+        hi = self.max_workers if self.max_workers is not None else max(lo, self.num_workers)
+        return (lo, hi)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    steps: int = 1000                  # optimizer steps
+    seed: int = 0                      # model init and data order
+    output: str | None = None          # run directory; None: <work dir>/pretrain/<config hash>
+    export: bool = True                # export the final checkpoint to HF format (<output>/hf)
+    run_name: str | None = None        # MLflow/Ray run name; None: pretrain-<config hash>
+
+    def resolved(self) -> "PretrainConfig":
+        """A copy with every per-size default filled in, and checked (ValueError on bad values)."""
+        from polyko.model import PRESETS
+
+        size = self.model.size
+        if size not in PRESETS:
+            raise ValueError(f"unknown model size {size!r}; choose one of {list(PRESETS)}")
+        gpu = self.scaling.use_gpu
+        precision = self.deepspeed.precision
+        if precision == "auto":
+            precision = "bf16" if gpu else "fp32"
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"deepspeed.precision must be auto, bf16 or fp32, got {precision!r}")
+        stage = ZERO_STAGE[size] if self.deepspeed.zero_stage is None else self.deepspeed.zero_stage
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0..3, got {stage}")
+        if self.deepspeed.extra_json:
+            try:
+                extra = json.loads(self.deepspeed.extra_json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--deepspeed-config is not valid JSON: {e}") from None
+            bad = [k for k in _DERIVED_KEYS if k in extra]
+            if bad:
+                raise ValueError(f"--deepspeed-config sets {bad}: the batch comes from batch.global_batch_tokens "
+                                 "and batch.micro_batch (so it survives a worker-count change); set those instead")
+        ac = self.model.activation_checkpointing
+        if ac is None:
+            ac = gpu and PRESETS[size].hidden_size >= 2048
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.checkpoint.every_steps < 1 or self.checkpoint.keep < 1:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+        sc = self.scaling
+        if sc.elastic:
+            lo, hi = sc.ray_num_workers()
+            if not 1 <= lo <= hi:
+                raise ValueError(f"need 1 <= min_workers <= max_workers, got {lo}, {hi}")
+        elif sc.num_workers < 1:
+            raise ValueError(f"scaling.num_workers must be >= 1, got {sc.num_workers}")
+        return replace(
+            self,
+            model=replace(self.model, activation_checkpointing=ac),
+            optim=replace(self.optim, lr=self.optim.lr if self.optim.lr is not None else LEARNING_RATE[size],
+                          warmup_steps=(self.optim.warmup_steps if self.optim.warmup_steps is not None
+                                        else max(1, self.steps // 100))),
+            batch=BatchConfig(
+                global_batch_tokens=self.batch.global_batch_tokens or GLOBAL_BATCH_TOKENS[size],
+                micro_batch=self.batch.micro_batch or MICRO_BATCH[size]),
+            deepspeed=replace(self.deepspeed, zero_stage=stage, precision=precision),
+        )
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's ``global_batch`` sequences are split over ``world_size`` workers."""
+    global_batch: int   # sequences per optimizer step (all workers)
+    world_size: int
+    micro_batch: int    # sequences per forward/backward on one worker
+    grad_accum: int     # micro-batches per worker per step
+
+    @property
+    def per_worker(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    @classmethod
+    def derive(cls, global_batch_tokens: int, seq_len: int, world_size: int, max_micro_batch: int) -> "BatchLayout":
+        if global_batch_tokens % seq_len:
+            raise ValueError(f"batch.global_batch_tokens={global_batch_tokens} is not a multiple of the data's "
+                             f"seq_len={seq_len}")
+        g = global_batch_tokens // seq_len
+        if g % world_size:
+            raise ValueError(f"the global batch of {g} sequences ({global_batch_tokens} tokens) does not split over "
+                             f"{world_size} workers; choose a batch.global_batch_tokens divisible by "
+                             f"{world_size * seq_len}")
+        per = g // world_size
+        micro = max(d for d in range(1, min(per, max_micro_batch) + 1) if per % d == 0)
+        return cls(global_batch=g, world_size=world_size, micro_batch=micro, grad_accum=per // micro)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout) -> dict[str, Any]:
+    """The DeepSpeed JSON for a resolved config at a given worker count (user JSON merged last)."""
+    ds: dict[str, Any] = {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        # torch_adam: torch's AdamW (fused on GPU) instead of DeepSpeed's JIT-compiled FusedAdam: nothing
+        # to compile on a CPU node, and bit-exact resume.
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "steps_per_print": 10**9,       # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.zero_stage >= 2:
+        # Overlap/contiguous gradients help on GPUs; bucket sizes in elements (~200 MB fp32).
+        ds["zero_optimization"].update({"overlap_comm": cfg.scaling.use_gpu, "contiguous_gradients": True,
+                                        "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
+    if cfg.deepspeed.extra_json:
+        ds = _merge(ds, json.loads(cfg.deepspeed.extra_json))
+    return ds
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    """Linear warmup to ``optim.lr`` then cosine to ``lr * min_lr_ratio`` at the last step. A pure
+    function of the step: nothing to checkpoint, identical after any resume."""
+    import math
+
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, cfg.steps - o.warmup_steps)
+    t = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
