@@ -50,6 +50,11 @@ GOAL_MFU = 0.45
 # ----------------------------------------------------------------------------------------------- worker
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to significant digits (a CPU dry run's TFLOP/s are ~1e-4, an H100's ~400)."""
+    return float(f"{x:.{digits}g}")
+
+
 def _emit(record: dict) -> None:
     print(MARK + json.dumps(record), flush=True)
 
@@ -67,13 +72,19 @@ def _worker(spec: dict) -> None:
     from polyko.model import PRESETS, build_config
     from polyko.plan import flops_per_token, tflops
 
+    from polyko.plan import detect_accelerator
+
     cuda = torch.cuda.is_available() and spec["device"] != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     group, seq_len = spec["group"], spec["seq_len"]
     config = build_config(spec["size"], max_position_embeddings=max(seq_len, PRESETS[spec["size"]].max_position_embeddings))
     config.use_cache = False
     fpt_model = flops_per_token(config, seq_len)
-    peak = spec["peak_tflops"]
+    gpu, peak = detect_accelerator() if cuda else ("cpu", None)
+    peak = spec["peak_tflops"] or peak
+    _emit(dict(kind="device", device=torch.cuda.get_device_name(0) if cuda else "cpu", gpu=gpu, peak_tflops=peak,
+               memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+               torch=torch.__version__, cuda=torch.version.cuda))
     fp32 = group == "fp32"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 baseline is real fp32
@@ -168,8 +179,8 @@ def _worker(spec: dict) -> None:
         tps = mb * seq_len / dt
         achieved = tflops(tps, fpt_model)
         hw = tflops(tps, flops_per_token(config, seq_len, recompute=ckpt))
-        out = dict(status="ok", step_s=round(dt, 4), first_step_s=round(first, 2), tokens_per_s=round(tps, 1),
-                   tflops=round(achieved, 2), hw_tflops=round(hw, 2), loss=round(float(loss), 3))
+        out = dict(status="ok", step_s=_sig(dt), first_step_s=_sig(first), tokens_per_s=_sig(tps, 6),
+                   tflops=_sig(achieved), hw_tflops=_sig(hw), loss=round(float(loss.detach()), 3))
         if peak:
             out.update(mfu=round(achieved / peak, 4), hfu=round(hw / peak, 4))
         if cuda:
@@ -196,10 +207,10 @@ def _worker(spec: dict) -> None:
         except torch.cuda.OutOfMemoryError:
             record["status"] = "oom"
             oom_at[(cfg["ckpt"], cfg["attn"])] = cfg["micro_batch"]
-            release()
         except Exception as e:  # a config that breaks must not lose the others' figures
             record["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
-            release()
+        if record["status"] != "ok":
+            release()  # after the except block: its traceback no longer pins the failed step's tensors
         _log(f"{group}: -> {record.get('status')} {record.get('mfu', record.get('tokens_per_s', ''))}")
         _emit(record)
 
@@ -237,8 +248,9 @@ def _deepspeed_engine(spec, config, device, attn, ckpt, mb, build):
 # ----------------------------------------------------------------------------------------- orchestrator
 
 
-def _run_group(group: str, spec: dict, timeout_s: float) -> list[dict]:
-    """Run a group in a child process (own session, so a timeout kills its compile workers too)."""
+def _run_group(group: str, spec: dict, timeout_s: float) -> tuple[list[dict], dict | None]:
+    """Run a group in a child process (own session, so a timeout kills its compile workers too).
+    Returns its config records and the device it reported."""
     spec = dict(spec, group=group, budget_s=max(5.0, timeout_s - 15))
     env = dict(os.environ)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation at big batches
@@ -256,11 +268,13 @@ def _run_group(group: str, spec: dict, timeout_s: float) -> list[dict]:
         out, _ = child.communicate()
         note = f"timeout after {timeout_s:.0f} s"
     records = [json.loads(line[len(MARK):]) for line in out.splitlines() if line.startswith(MARK)]
+    device = [r for r in records if r.get("kind") == "device"]
+    records = [r for r in records if r.get("kind") != "device"]
     done = {json.dumps(r.get("micro_batch")) + str(r.get("ckpt")) + str(r.get("attn")) for r in records}
     for cfg in spec["configs"]:  # configs the child never reported: it died (timeout, crash, CUDA error)
         if json.dumps(cfg.get("micro_batch")) + str(cfg.get("ckpt")) + str(cfg.get("attn")) not in done:
             records.append(dict(group=group, **cfg, status=note or f"error: worker exited with {child.returncode}"))
-    return records
+    return records, (device[0] if device else None)
 
 
 def _best(records: list[dict]) -> dict | None:
@@ -292,22 +306,19 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from polyko.model import PRESETS, build_config, count_params
-        from polyko.plan import detect_accelerator, flops_per_token, gpu_key
+        from polyko.plan import flops_per_token
 
         if a.dry_run:
             a.size, a.seq_len, a.steps, a.warmup, a.micro_batches = "tiny", 128, 3, 1, "1,2"
+        # No CUDA call here: a context in this process would hold ~0.5 GiB of the GPU the children measure.
         cuda = torch.cuda.is_available() and a.device != "cpu"
-        device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
-        gpu, peak = detect_accelerator() if cuda else ("cpu", None)
-        if cuda and gpu_key(device_name) is None:
-            gpu = device_name
-        peak = a.peak_tflops or peak
+        if not cuda and not a.dry_run and a.device != "cpu":
+            raise ValueError(f"no CUDA device: a {a.size} step on a CPU takes minutes; use --dry-run "
+                             "(or --device cpu if you mean it)")
         config = build_config(a.size, max_position_embeddings=max(a.seq_len, PRESETS[a.size].max_position_embeddings))
         result.update(
-            size=a.size, seq_len=a.seq_len, dry_run=a.dry_run, device=device_name, gpu=gpu, peak_tflops=peak,
-            peak_source="polyko.plan.PEAK_TFLOPS (NVIDIA datasheet, dense bf16)" if peak and not a.peak_tflops
-            else ("--peak-tflops" if peak else None),
-            torch=torch.__version__, params=count_params(config),
+            size=a.size, seq_len=a.seq_len, dry_run=a.dry_run, device=None, gpu=None, peak_tflops=None,
+            peak_source=None, torch=torch.__version__, params=count_params(config),
             flops_per_token=flops_per_token(config, a.seq_len),
             precision="bf16 autocast over fp32 params (fp32 master + Adam), fused AdamW if available; "
                       "baseline fp32 without TF32",
@@ -316,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(groups) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown groups {sorted(unknown)}; choose from {GROUPS}")
-        spec = dict(size=a.size, seq_len=a.seq_len, steps=a.steps, warmup=max(1, a.warmup), peak_tflops=peak,
-                    device="cuda" if cuda else "cpu")
+        spec = dict(size=a.size, seq_len=a.seq_len, steps=a.steps, warmup=max(1, a.warmup),
+                    peak_tflops=a.peak_tflops, device="cuda" if cuda else "cpu")
         mbs = [int(x) for x in a.micro_batches.split(",") if x]
         deadline = t0 + a.budget_s
         records: list[dict] = []
@@ -327,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
             if remaining < 20:
                 recs = [dict(group=group, **c, status="skipped: overall time budget") for c in configs]
             else:
-                recs = _run_group(group, dict(spec, configs=configs), min(GROUP_CAP_S[group], remaining))
+                recs, device = _run_group(group, dict(spec, configs=configs), min(GROUP_CAP_S[group], remaining))
+                if device and result["device"] is None:
+                    result.update(device=device["device"], gpu=device["gpu"], peak_tflops=device["peak_tflops"],
+                                  memory_gib=device["memory_gib"], cuda=device["cuda"],
+                                  peak_source="--peak-tflops" if a.peak_tflops else
+                                  ("polyko.plan.PEAK_TFLOPS (NVIDIA datasheet, dense bf16)"
+                                   if device["peak_tflops"] else None))
             records.extend(recs)
             return recs
 
@@ -362,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline_fp32"] = fp32
         if best and fp32:
             result["speedup_vs_fp32"] = round(best["tokens_per_s"] / fp32["tokens_per_s"], 2)
+            same = _best([r for r in records if r["group"] == "eager" and r.get("micro_batch") == fp32["micro_batch"]
+                          and r.get("ckpt") == fp32["ckpt"]])
+            if same:  # precision alone: the eager bf16 run of the baseline's micro-batch and checkpointing
+                result["bf16_vs_fp32_same_config"] = round(same["tokens_per_s"] / fp32["tokens_per_s"], 2)
         comp = _best([r for r in records if r["group"] == "compile"])
         if comp and eager_best:
             result["compile_speedup"] = round(comp["tokens_per_s"] / eager_best["tokens_per_s"], 3)

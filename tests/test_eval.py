@@ -102,7 +102,7 @@ def test_few_shot_published_table_and_register(few_shot, tiny_hf_checkpoint):
     # Few-shot really happened: every prompt holds one solved training example before the test doc.
     rows = [json.loads(line) for line in (out / "samples_kobest_copa_1shot.jsonl").read_text().splitlines()]
     assert len(rows) == LIMIT
-    ctx = rows[0]["arguments"]["gen_args_0"]["arg_0"]
+    ctx = rows[0]["arguments"][0][0]  # [context, continuation] of the first choice
     assert ctx.count("\n\n") == 1 and re.search(r"(왜냐하면|그래서)", ctx.split("\n\n")[0])
     # The table puts the card's 1-shot COPA numbers next to ours.
     md = (out / "table.md").read_text()

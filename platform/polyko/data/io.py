@@ -205,9 +205,21 @@ class _ZstdStream:
                 return data
 
 
+class _GzipStream:
+    """``GzipFile.read(n)`` loses the data decoded so far when it hits a truncated end (the buffered
+    reader drops it with the EOFError); ``read1`` returns per raw chunk, so nothing before the cut
+    is lost."""
+
+    def __init__(self, raw: Any) -> None:
+        self._g = gzip.GzipFile(fileobj=raw, mode="rb")
+
+    def read(self, n: int) -> bytes:
+        return self._g.read1(n)
+
+
 def _open_stream(raw: Any, comp: str | None) -> Any:
     if comp == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _GzipStream(raw)
     if comp == "zstd":
         return _ZstdStream(raw)
     return raw

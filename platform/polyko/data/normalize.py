@@ -116,8 +116,13 @@ def _repeat_sub(n: int) -> callable:
 
 # Cheap guards (a leading '.' lets the regex engine skip the per-character class test): only texts
 # that have some run at all pay for the precise, digit/space-excluding substitutions.
-_ANY_RUN_RE = re.compile(r"(.)\1\1")  # any char 3x in a row; the precise rule needs max+1 >= 3
-_ANY_UNIT_RE = (re.compile(r"(..)\1\1"), re.compile(r"(...)\1\1"), re.compile(r"(....)\1\1"))
+@functools.lru_cache(maxsize=16)
+def _run_guards(n: int) -> tuple[re.Pattern, tuple[re.Pattern, ...]]:
+    """Fast patterns that find any char / 2-4 char unit occurring n+1 times in a row."""
+    # Spelled out ('\1\1\1', not '\1{3}'): the repeat opcode on a backreference is ~2x slower.
+    char = re.compile(r"(.)" + r"\1" * n)
+    units = tuple(re.compile("(%s)" % ("." * k) + r"\1" * n) for k in (2, 3, 4))
+    return char, units
 
 
 def normalize_text(text: str, cfg: NormalizeConfig) -> str:
@@ -145,11 +150,12 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
         else:
             # One line: str.split() (C) treats every Unicode space (and \u2028, \x85 ...) as a separator.
             text = " ".join(text.split())
-    if cfg.max_char_repeat and _ANY_RUN_RE.search(text) is not None:
+    if cfg.max_char_repeat and _run_guards(cfg.max_char_repeat)[0].search(text) is not None:
         n = cfg.max_char_repeat
         text = _char_repeat_re(n).sub(r"\1" * n, text)
     if cfg.max_unit_repeat and len(text) >= 2 * (cfg.max_unit_repeat + 1):
         n = cfg.max_unit_repeat
-        if any(g.search(text) is not None for g in _ANY_UNIT_RE):
+        u2, u3, u4 = _run_guards(n)[1]
+        if u2.search(text) or u3.search(text) or u4.search(text):
             text = _unit_repeat_re(n).sub(_repeat_sub(n), text)
     return text

@@ -190,7 +190,9 @@ def _run_ray(chunks, kwargs, workers: int | None, ray_address: str | None) -> li
         n = max(1, min(workers or cpus, cpus, len(chunks)))
         items = [{"index": i, "chunk": json.dumps(c)} for i, c in enumerate(chunks)]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _PackActor, fn_constructor_kwargs=kwargs, batch_size=1, concurrency=n, num_cpus=1)
+            _PackActor, fn_constructor_kwargs=kwargs, batch_size=1, num_cpus=1,
+            # one chunk in flight per actor: a chunk is minutes of work at the default size
+            compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1))
         rows = ds.take_all()
     finally:
         if started:

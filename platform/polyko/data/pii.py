@@ -20,7 +20,7 @@ Korean numbering plans, and the riskier shapes are validated in Python (only on 
   the pair reads as a year range (``1950-1953``) or is followed by 년.
 * ``acc`` - hyphenated digit groups in the layouts Korean banks print: 3-2-6 (SC, old 신한), 3-3-6 (신한,
   케이뱅크), 3-6-5 (하나), 4-3-6 (우리), 4-4-5, 6-2-6 (국민, 우체국, 단위농협), 3-4-4-2 (농협), 3-6-2-3 (기업),
-  4-2-7 (카카오뱅크), 4-4-4 (토스뱅크), 3-2-5/3-6-3 (씨티), and 4-4-4-4 card numbers; plus any 10-14 digit
+  4-2-7 (카카오뱅크), 4-4-4 (토스뱅크), 3-6-3 (씨티), and 4-4-4-4 card numbers; plus any 10-14 digit
   number (plain or hyphenated) right after a bank name or 계좌/계좌번호/입금. Phone and date shapes
   (3-4-4, 2-4-4, 4-2-2) are not account layouts, and the bank name itself is kept.
 * ``email`` - RFC-ish ``local@domain.tld`` (ASCII local part, ASCII or IDN domain, TLD of letters).
@@ -57,7 +57,7 @@ class PIIConfig:
 # ---------------------------------------------------------------------------------------------------
 # e-mail: local part ASCII; domain labels may be IDN (한글.kr) but the TLD is letters.
 _EMAIL_RE = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9가-힣](?:[A-Za-z0-9가-힣-]{0,62}[A-Za-z0-9가-힣])?\.)+"
+    r"(?<![A-Za-z0-9_%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9가-힣](?:[A-Za-z0-9가-힣-]{0,62}[A-Za-z0-9가-힣])?\.)+"
     r"[A-Za-z]{2,24}(?![A-Za-z0-9-])"
 )
 
@@ -88,7 +88,7 @@ def _rrn_ok(m: re.Match, checksum_no_sep: bool) -> bool:
 # Account layouts (digit-group lengths), hyphen required between groups. Longest first.
 _ACC_LAYOUTS = (
     (4, 4, 4, 4), (3, 6, 2, 3), (3, 4, 4, 2), (6, 2, 6), (3, 6, 5), (4, 4, 5), (4, 3, 6), (4, 2, 7),
-    (3, 3, 6), (3, 2, 6), (4, 4, 4), (3, 2, 5), (3, 6, 3),
+    (3, 3, 6), (3, 2, 6), (4, 4, 4), (3, 6, 3),
 )
 _ACC_LAYOUT_RE = re.compile(
     r"(?<![\d.,/-])(?:"
@@ -115,11 +115,12 @@ _TEL_RE = re.compile(
     # +82 forms: +82 10-..., +82-2-..., +82 (0)10 ..., +821012345678
     r"\+\s?82[-.\s]?(?:\(0\)\s?)?0?(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|80)" + _SEP + r"\d{3,4}" + _SEP + r"\d{4}"
     # domestic: (02) 123-4567, 010-1234-5678, 01012345678
-    r"|\(?" + _AREA + _SEP + r"\d{3,4}" + r"(?:\s?[-.]\s?|\s|)" + r"\d{4}"
+    r"|(?:\(" + _AREA + r"\)\s?|" + _AREA + _SEP + r")\d{3,4}" + r"(?:\s?[-.]\s?|\s|)" + r"\d{4}"
     r")(?![\d]|[.,-]\d)"
 )
 # Korean '\w' includes Hangul: allow Hangul right before a number ('번호010-...') but not Latin/digit.
-_TEL_RE = re.compile(_TEL_RE.pattern.replace(r"(?<![\d.,/:\w-])", r"(?<![\dA-Za-z.,/:_-])"))
+# '...010 2318 2919' (ellipsis before the number) is common; a decimal like '3.0212345678' is not a phone.
+_TEL_RE = re.compile(_TEL_RE.pattern.replace(r"(?<![\d.,/:\w-])", r"(?<![\dA-Za-z,/:_=&?-])(?<!\d\.)"))
 # Service numbers 15xx/16xx/18xx-xxxx (hyphen or dot only: 8 plain digits are too ambiguous).
 _SERVICE_RE = re.compile(r"(?<![\dA-Za-z.,/:_-])(1[568]\d{2})[-.](\d{4})(?![\d]|[.,-]\d|\s?년)")
 
@@ -130,7 +131,7 @@ def _service_ok(m: re.Match) -> bool:
     return not (1500 <= b <= 2099 and b > a)
 
 
-_DIGIT_RE = re.compile(r"\d")
+_DIGIT_RE = re.compile(r"\d\d\d")
 
 
 def _acc_layout_ok(m: re.Match) -> bool:
@@ -170,7 +171,7 @@ def mask_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
         text, n = _EMAIL_RE.subn(PII_TOKENS["email"], text)
         if n:
             counts["email"] = n
-    # Every remaining kind needs at least 7 digits; skip the regexes for text without any digit.
+    # Every remaining kind contains a run of >= 3 digits; most text has none: skip the regexes.
     if _DIGIT_RE.search(text) is None:
         return text, counts
     if cfg.rrn:

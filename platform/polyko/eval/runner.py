@@ -92,7 +92,6 @@ def model_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], Path | None]:
             "num_concurrent": ep.num_concurrent,
             "max_retries": ep.max_retries,
             "timeout": ep.timeout_s,
-            "batch_size": ep.batch_size,
             "seed": cfg.seed,
         }
         if max_length:
@@ -121,6 +120,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     data = kobest.resolve_data(cfg.kobest_dir, cfg.tasks)  # fail on bad data before loading a model
     lm_type, model_args, model_dir = model_spec(cfg)
     device = None if cfg.is_endpoint else _device(cfg)
+    # lm-eval passes batch_size next to model_args (a duplicate key would be a TypeError); for a
+    # URL it is the prompts per request.
+    batch_size = cfg.endpoint.batch_size if cfg.is_endpoint else (cfg.batch_size or "auto")
     out.mkdir(parents=True, exist_ok=True)
     tags = {"polyko.checkpoint": cfg.model, "polyko.eval.data": data.describe()}
     if model_dir is not None:
@@ -139,7 +141,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         for shots in cfg.shots:
             log.info("KoBEST %s at %d-shot on %s (%s)", cfg.tasks, shots, cfg.model, data.describe())
             res = kobest.run_lm_eval(model=lm_type, model_args=model_args, tasks=cfg.tasks, data=data,
-                                     shots=shots, limit=cfg.limit, batch_size=cfg.batch_size or "auto",
+                                     shots=shots, limit=cfg.limit, batch_size=batch_size,
                                      device=device, seed=cfg.seed, log_samples=cfg.log_samples)
             samples = res.pop("samples", None)
             if samples:

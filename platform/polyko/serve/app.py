@@ -23,6 +23,7 @@ Serve config files (``polyko.serve.app:app_builder``, args = a ServeConfig as a 
 
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -265,6 +266,10 @@ class PolykoIngress:
                 status = 401
                 return self._unauthorized()
             try:
+                declared = request.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > self.cfg.limits.max_body_bytes:
+                    raise RequestError(f"request body is {declared} bytes; the limit is "
+                                       f"{self.cfg.limits.max_body_bytes}", None, status=413)
                 body = api.parse_json(await request.body(), self.cfg)
                 if isinstance(body, dict) and isinstance(body.get("model"), str) and self.cfg.model(body["model"]):
                     model_tag = body["model"]
@@ -354,9 +359,10 @@ def build_app(cfg: ServeConfig):
     """The Serve application for ``cfg`` (local checkpoints are checked here, before deploying)."""
     if not cfg.models:
         raise ValueError("no models to serve: give at least one --model")
-    for m in cfg.models:
-        if not m.is_registry_uri:
-            check_checkpoint_dir(m.source)
+    # Local sources become absolute paths: replicas do not share the builder's working directory.
+    models = [m if m.is_registry_uri else ModelSpec(m.name, str(check_checkpoint_dir(m.source).resolve()))
+              for m in cfg.models]
+    cfg = dataclasses.replace(cfg, models=models)
     model = model_deployment(cfg).bind(cfg)
     a = cfg.autoscaling
     ingress = PolykoIngress.options(
@@ -375,9 +381,16 @@ def app_builder(args: dict[str, Any]):
     return build_app(from_dict(ServeConfig, dict(args)))
 
 
-def run_service(cfg: ServeConfig, *, ray_address: str | None = None, blocking: bool = True) -> str:
+def run_service(cfg: ServeConfig, *, ray_address: str | None = None, blocking: bool = True,
+                track: bool = True) -> str:
     """Start (or join) Ray, start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the app.
-    Returns the base URL; with ``blocking`` it serves until interrupted, then shuts Serve down."""
+    Returns the base URL; with ``blocking`` it serves until interrupted, then shuts Serve down.
+    With ``track`` the deployment is an MLflow run (stage ``serve``: config as params, the served
+    checkpoints' runs as parents) that stays open while serving; MLflow being unreachable only
+    logs a warning -- serving does not depend on it."""
+    import contextlib
+
+    from polyko import tracking
     from polyko.cluster import init_ray
 
     if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
@@ -389,7 +402,18 @@ def run_service(cfg: ServeConfig, *, ray_address: str | None = None, blocking: b
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     log.info("config %s", to_dict(cfg))
     print(f"serving {[m.name for m in cfg.models]} at {url}/v1/completions", flush=True)
-    if blocking:
+    if not blocking:
+        return url
+    with contextlib.ExitStack() as stack:
+        if track:
+            try:
+                parents = tracking.lineage(*[m.source for m in cfg.models if not m.is_registry_uri])
+                run = stack.enter_context(tracking.start_run(
+                    "serve", cfg, parents=parents, tags={"polyko.serve.url": url,
+                                                         "polyko.serve.models": ",".join(m.name for m in cfg.models)}))
+                print(f"MLflow: {tracking.run_url(run)}", flush=True)
+            except Exception as e:  # noqa: BLE001 - tracking is optional for serving
+                log.warning("MLflow tracking unavailable (%s); serving without a run", e)
         try:
             while True:
                 time.sleep(3600)

@@ -67,8 +67,8 @@ class LimitsConfig:
     max_prompts: int = 64
     # Characters of one string prompt before tokenizing (a cheap bound against huge bodies).
     max_prompt_chars: int = 200_000
-    # OpenAI allows logprobs up to 5; lm-eval uses 1. More costs a top-k over the vocabulary per token.
-    max_logprobs: int = 20
+    # OpenAI allows logprobs up to 5; lm-eval uses 1. Each costs a JSON entry per token in the response.
+    max_logprobs: int = 5
     max_stop: int = 4
     max_body_bytes: int = 4_000_000
     # A request (queue wait + generation) that takes longer is cancelled and answered 503.
@@ -84,6 +84,9 @@ class EngineConfig:
     kind: str = "hf"
     # Sequences in one forward pass. On a CPU, 32 keeps a 50M model's step under ~100 ms.
     max_batch_size: int = 32
+    # Bound on batch size x (longest prompt + max_tokens) of one batch, i.e. on KV-cache and
+    # activation memory: 32 sequences of 1,024 tokens. A single longer sequence still runs alone.
+    max_batch_tokens: int = 32768
     # How long the loop waits for more requests before starting a batch that is not full (ms).
     # Costs at most this much latency at low load; fills batches at high load.
     batch_wait_ms: float = 5.0

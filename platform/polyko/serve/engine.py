@@ -283,22 +283,21 @@ class HFEngine:
             await ev.wait()
 
     def close(self) -> None:
-        """Stop the loop and free the model (idempotent; callable from any thread)."""
+        """Refuse new work; sequences already queued or running finish, then the model is freed
+        (so an LRU eviction never fails requests in flight). Idempotent; callable from any thread."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
         if self.on_close is not None:
             self.on_close()
         loop, task = self._loop, self._task
-        if loop is not None and task is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(task.cancel)
+        if loop is not None and task is not None and not task.done() and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)   # the loop drains its queue, then frees
+        else:
+            self._free()
+
+    def _free(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for s in list(self._waiting):
-            s.error = overloaded(f"model {self.name!r} was unloaded; retry")
-            s.finish_reason = "error"
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(s._notify)
-        self._waiting.clear()
         self.model = self.base = self.lm_head = None
 
     def __del__(self):
@@ -313,18 +312,18 @@ class HFEngine:
             self._task = self._loop.create_task(self._run_loop())
 
     async def _run_loop(self) -> None:
-        while not self._closed:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._waiting and not self._closed:
+        try:
+            while True:
+                if not self._waiting:
+                    if self._closed:
+                        return
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
                 if len(self._waiting) < self.cfg.max_batch_size and self.cfg.batch_wait_ms > 0:
                     # Let concurrent requests arrive: costs <= batch_wait_ms latency, fills the batch.
                     await asyncio.sleep(self.cfg.batch_wait_ms / 1000)
-                batch: list[Sequence] = []
-                while self._waiting and len(batch) < self.cfg.max_batch_size:
-                    s = self._waiting.popleft()
-                    if not s.cancelled:
-                        batch.append(s)
+                batch = self._take_batch()
                 if not batch:
                     continue
                 try:
@@ -339,6 +338,26 @@ class HFEngine:
                                                    status=500, type="server_error")
                             s.finish_reason = "error"
                             s._notify()
+        finally:
+            if self._closed:
+                self._free()
+
+    def _take_batch(self) -> list[Sequence]:
+        """Up to max_batch_size queued sequences whose padded prefill stays within
+        max_batch_tokens (attention and activations grow with batch x longest prompt)."""
+        batch: list[Sequence] = []
+        longest = 0
+        while self._waiting and len(batch) < self.cfg.max_batch_size:
+            s = self._waiting[0]
+            if s.cancelled:
+                self._waiting.popleft()
+                continue
+            n = len(s.prompt_ids) + s.params.max_tokens
+            if batch and (len(batch) + 1) * max(longest, n) > self.cfg.max_batch_tokens:
+                break
+            longest = max(longest, n)
+            batch.append(self._waiting.popleft())
+        return batch
 
     async def _run_batch(self, seqs: list[Sequence]) -> None:
         loop = asyncio.get_running_loop()

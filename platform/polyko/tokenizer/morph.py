@@ -62,6 +62,9 @@ class MorphConfig:
     sample_sentences: int = 200_000
     max_sentence_chars: int = 1_000   # longer lines are truncated before sampling (memory bound)
     min_frequency: int = 5            # soynlp: a word must occur this often in the sample
+    # soynlp's cohesion filter (its default 0.05). Lower keeps stems whose first syllable starts
+    # many other words ("정부" < 0.05 because "정말" dominates "정-"), at the cost of more noise.
+    min_cohesion: float = 0.05
     max_left_length: int = 10         # soynlp: longest L part considered (syllables)
     max_right_length: int = 6         # soynlp: longest R part considered (syllables)
     cache_size: int = 1 << 20         # distinct Hangul runs whose cuts are memoised (~100 B each)
@@ -109,7 +112,8 @@ class MorphemeSegmenter:
         from soynlp.word import WordExtractor
 
         sents = [s for s in (soynlp_sentence(x) for x in sentences) if s]
-        we = WordExtractor(min_frequency=cfg.min_frequency, max_left_length=cfg.max_left_length,
+        we = WordExtractor(min_frequency=cfg.min_frequency, min_cohesion_forward=cfg.min_cohesion,
+                           max_left_length=cfg.max_left_length,
                            max_right_length=cfg.max_right_length, verbose_points=0)
         we.train(sents)
         extracted = we.extract()

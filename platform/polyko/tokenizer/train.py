@@ -215,9 +215,9 @@ def train_tokenizer(cfg: TokenizerConfig, *, run_name: str | None = None) -> dic
     if inp.is_dir() and (out == inp or inp in out.parents):
         raise ValueError(f"output {out} is inside the input {inp}: its files would be read as corpus")
     files = list_input_files(cfg.input)
-    t0 = time.perf_counter()
     with tracking.start_run("tokenizer", cfg, output=out, parents=tracking.lineage(cfg.input),
                             run_name=run_name) as run:
+        t0 = time.perf_counter()
         (out / REPORT).unlink(missing_ok=True)   # uncommitted until the new report is written
         scan = _scan(files, cfg)
         if scan.train_docs == 0:

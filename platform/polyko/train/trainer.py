@@ -41,16 +41,20 @@ def run_paths(cfg: PretrainConfig) -> tuple[Path, str]:
     return out.resolve(), cfg.run_name or f"pretrain-{cfg.model.size}-{h}"
 
 
-def check_plan(cfg: PretrainConfig, seq_len: int):
-    """On GPUs, the memory/throughput plan for this run; ValueError with the plan if it does not fit."""
-    from polyko.plan import check_fits, detect_accelerator, make_plan
+def check_plan(cfg: PretrainConfig, seq_len: int, *, zero_stage: int | None, micro_batch: int | None):
+    """On GPUs, the memory/throughput plan for this run (``None`` ZeRO stage / micro-batch: the plan picks
+    the lowest stage that fits and the largest micro-batch); ValueError with the plan if it does not fit."""
+    from polyko.plan import PEAK_TFLOPS, check_fits, detect_accelerator, make_plan
 
     gpu, _ = detect_accelerator()
+    if gpu not in PEAK_TFLOPS:
+        print(f"[polyko] no memory plan for accelerator {gpu!r} (known: {', '.join(PEAK_TFLOPS)})", flush=True)
+        return None
     workers = cfg.scaling.ray_num_workers()
     gpus = workers[1] if isinstance(workers, tuple) else workers
     plan = make_plan(cfg.model.size, gpus=gpus, gpu=gpu, seq_len=seq_len,
-                     global_batch_tokens=cfg.batch.global_batch_tokens, zero_stage=cfg.deepspeed.zero_stage,
-                     micro_batch=cfg.batch.micro_batch)
+                     global_batch_tokens=cfg.batch.global_batch_tokens, zero_stage=zero_stage,
+                     micro_batch=micro_batch, activation_checkpointing=bool(cfg.model.activation_checkpointing))
     check_fits(plan)
     return plan
 
@@ -81,10 +85,17 @@ def pretrain(cfg: PretrainConfig, *, ray_address: str | None = None) -> Pretrain
     from polyko.train.loop import train_loop
     from polyko.train.metrics import read_jsonl
 
-    cfg = cfg.resolved()
+    raw, cfg = cfg, cfg.resolved()
     seq_len = preflight(cfg)
     if cfg.scaling.use_gpu:
-        print(check_plan(cfg, seq_len).render(), flush=True)
+        # Fails at once, with the plan, when the model does not fit; otherwise the plan's ZeRO stage and
+        # micro-batch replace the per-size defaults the user did not set.
+        plan = check_plan(cfg, seq_len, zero_stage=raw.deepspeed.zero_stage, micro_batch=raw.batch.micro_batch)
+        if plan is not None:
+            print(plan.render(), flush=True)
+            cfg = replace(cfg, deepspeed=replace(cfg.deepspeed, zero_stage=plan.zero_stage),
+                          batch=replace(cfg.batch, micro_batch=plan.micro_batch))
+            preflight(cfg)
     out, run_name = run_paths(cfg)
     out.mkdir(parents=True, exist_ok=True)
     init_ray(ray_address)

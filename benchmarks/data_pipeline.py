@@ -1,0 +1,147 @@
+"""Data pipeline throughput and memory: prints ONE JSON line.
+
+    python benchmarks/data_pipeline.py                         # shared corpus, Polyglot-Ko tokenizer
+    python benchmarks/data_pipeline.py --max-files 4 --scales 1,10 --no-pack
+
+Figures (all measured in this process, same machine, same text):
+* ``pipeline_mb_s_per_core``: raw input MB (file bytes) / wall seconds of ``run_pipeline`` (read +
+  clean + dedup [+ pack]) / CPUs of the Ray cluster, at scale 1.
+* ``tokenizer_mb_s_per_core``: the baseline, HF ``tokenizers`` ``encode_batch`` of the same documents'
+  text on one thread (``TOKENIZERS_PARALLELISM=false``), MB of UTF-8 text per second.
+* ``ratio`` = pipeline / tokenizer (goal >= 0.5: the whole pipeline at least half as fast as bare
+  tokenization).
+* ``peak_rss_mb`` per scale: peak of the summed RSS of this process and all its descendants (Ray's
+  GCS, raylet, object store, workers), sampled every 0.25 s. ``scale`` N = the input files replicated
+  N times (symlinks); flat memory = ``rss_growth`` (peak at the largest scale / peak at scale 1) near 1.
+  RSS counts shared object-store pages in every process that maps them, so it over-states in absolute
+  terms; the ratio between scales is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("POLYKO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+class PeakRSS:
+    """Peak summed RSS (bytes) of this process tree, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def corpus_files(corpus: Path, max_files: int | None) -> list[Path]:
+    files = sorted(corpus.rglob("*.jsonl"))
+    return files[:max_files] if max_files else files
+
+
+def replicate(files: list[Path], corpus: Path, root: Path, n: int) -> Path:
+    """``root/x<n>/copy<i>/<relpath>`` symlinks: n copies of the input (different paths, same bytes)."""
+    out = root / f"x{n}"
+    for i in range(n):
+        for f in files:
+            dst = out / f"copy{i}" / f.relative_to(corpus)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(f)
+    return out
+
+
+def tokenizer_baseline(files: list[Path], tokenizer_dir: Path, batch: int = 1024) -> float:
+    """MB/s of one thread of HF tokenizers encode_batch over the documents' text."""
+    from tokenizers import Tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    texts = [json.loads(line)["text"] for f in files for line in open(f, encoding="utf-8") if line.strip()]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        tok.encode_batch(texts[i:i + batch])
+    return nbytes / 1e6 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", default=str(SHARED / "corpus"))
+    ap.add_argument("--tokenizer", default=str(SHARED / "reference" / "polyglot-ko-tokenizer"))
+    ap.add_argument("--no-pack", action="store_true", help="clean + dedup only")
+    ap.add_argument("--max-files", type=int, default=None, help="use only the first N corpus files")
+    ap.add_argument("--scales", default="1,10")
+    ap.add_argument("--num-cpus", type=int, default=None, help="local cluster CPUs (default: all)")
+    args = ap.parse_args()
+
+    import ray
+
+    from polyko.cluster import init_ray
+    from polyko.data.pipeline import PipelineConfig, run_pipeline
+
+    corpus, tokdir = Path(args.corpus), Path(args.tokenizer)
+    files = corpus_files(corpus, args.max_files)
+    scales = [int(s) for s in args.scales.split(",")]
+    tok_mb_s = tokenizer_baseline(files, tokdir)
+    init_ray(num_cpus=args.num_cpus, include_dashboard=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    result: dict = {"benchmark": "data_pipeline", "files": len(files), "cpus": cpus,
+                    "pack": not args.no_pack, "tokenizer_mb_s_per_core": round(tok_mb_s, 3),
+                    "peak_rss_mb": {}, "seconds": {}, "input_mb": {}}
+    with tempfile.TemporaryDirectory(prefix="polyko-bench-") as tmp:
+        for n in scales:
+            inp = replicate(files, corpus, Path(tmp), n)
+            cfg = PipelineConfig(output=str(Path(tmp) / f"out{n}"), inputs=(str(inp),), track=False,
+                                 tokenizer=None if args.no_pack else str(tokdir))
+            with PeakRSS() as mon:
+                t0 = time.perf_counter()
+                stats = run_pipeline(cfg)
+                secs = time.perf_counter() - t0
+            mb = stats["input_file_bytes"] / 1e6
+            result["peak_rss_mb"][f"x{n}"] = round(mon.peak / 2**20)
+            result["seconds"][f"x{n}"] = round(secs, 1)
+            result["input_mb"][f"x{n}"] = round(mb, 1)
+            result.setdefault("mb_s_per_core", {})[f"x{n}"] = round(mb / secs / cpus, 3)
+    base = f"x{scales[0]}"
+    result["pipeline_mb_s_per_core"] = result["mb_s_per_core"][base]
+    result["ratio"] = round(result["pipeline_mb_s_per_core"] / tok_mb_s, 3)
+    result["rss_growth"] = round(result["peak_rss_mb"][f"x{scales[-1]}"] / result["peak_rss_mb"][base], 3)
+    ray.shutdown()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Pretrain a GPT-NeoX model on packed tokens with Ray Train + DeepSpeed, then export it to HF format.
+
+    python jobs/pretrain.py --size tiny --data out --tokenizer out/tokenizer --steps 50
+    python jobs/pretrain.py --size tiny --data out --tokenizer out/tokenizer --min-workers 1 --max-workers 2
+    python jobs/pretrain.py --size 1.3b --data s3://b/tokens --tokenizer tok --gpu --num-workers 64 \
+        --set deepspeed.zero_stage=2 --deepspeed-config ds_extra.json
+    python jobs/pretrain.py --size 12.8b --plan --gpus 256 --gpu a100-80gb   # print the plan, no training
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/pretrain.py --size tiny --data ... \
+        --tokenizer ...
+
+Without --ray-address or $RAY_ADDRESS (set by `ray job submit`) it starts a private local cluster.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from polyko.config import apply_overrides
+from polyko.train.config import PretrainConfig
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", help="model preset: tiny, 50m, 1.3b, 3.8b, 5.8b, 12.8b")
+    p.add_argument("--data", help="packed tokens (DIR with manifest.json, or DIR/tokens)")
+    p.add_argument("--tokenizer", help="tokenizer dir the tokens were made with")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--num-workers", type=int, help="fixed number of training workers")
+    p.add_argument("--min-workers", type=int, help="elastic: fewest workers to train on")
+    p.add_argument("--max-workers", type=int, help="elastic: most workers to train on")
+    p.add_argument("--gpu", nargs="?", const="auto", default=None, metavar="TYPE",
+                   help="train on GPUs, one per worker (bf16, NCCL); with --plan the GPU type: "
+                        "a100-40gb, a100-80gb, h100, h200")
+    p.add_argument("--init-from", help="HF checkpoint dir to continue from (e.g. released Polyglot-Ko weights)")
+    p.add_argument("--output", help="run directory (default: <work dir>/pretrain/<config hash>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. optim.lr=3e-4")
+    p.add_argument("--deepspeed-config", help="DeepSpeed JSON merged on top of the generated config")
+    p.add_argument("--plan", action="store_true", help="print the memory/throughput plan and exit")
+    p.add_argument("--gpus", type=int, help="--plan: number of GPUs")
+    p.add_argument("--seq-len", type=int, default=2048, help="--plan: sequence length")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
+    a = p.parse_args(argv)
+
+    if a.plan:
+        from polyko.plan import make_plan
+
+        cfg = PretrainConfig()
+        cfg.model.size = a.size
+        cfg.scaling.use_gpu = True
+        cfg = apply_overrides(cfg, a.set).resolved()
+        gpu = a.gpu if a.gpu and a.gpu != "auto" else "a100-80gb"
+        explicit_stage = any(s.startswith("deepspeed.zero_stage=") for s in a.set)  # else the plan picks one
+        plan = make_plan(a.size, gpus=a.gpus or 8, gpu=gpu, seq_len=a.seq_len,
+                         global_batch_tokens=cfg.batch.global_batch_tokens,
+                         zero_stage=cfg.deepspeed.zero_stage if explicit_stage else None)
+        print(plan.render())
+        return 0 if plan.fits else 1
+    if not a.data or not a.tokenizer:
+        p.error("--data and --tokenizer are required")
+
+    cfg = PretrainConfig()
+    cfg.model.size, cfg.model.init_from = a.size, a.init_from
+    cfg.data.path, cfg.data.tokenizer = a.data, a.tokenizer
+    cfg.output = a.output
+    if a.steps:
+        cfg.steps = a.steps
+    if a.num_workers:
+        cfg.scaling.num_workers = a.num_workers
+    cfg.scaling.min_workers, cfg.scaling.max_workers = a.min_workers, a.max_workers
+    cfg.scaling.use_gpu = a.gpu is not None
+    if a.deepspeed_config:
+        cfg.deepspeed.extra_json = Path(a.deepspeed_config).read_text()
+    cfg = apply_overrides(cfg, a.set)
+
+    from polyko.train import pretrain
+
+    try:
+        r = pretrain(cfg, ray_address=a.ray_address)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {r.steps} steps, final loss {r.final_loss}, checkpoint {r.checkpoint_dir}, "
+          f"HF export {r.export_dir}, MLflow run {r.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

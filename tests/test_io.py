@@ -1,0 +1,89 @@
+"""The corpus readers (polyko.data.io) without Ray: every bad-input kind is quarantined with its raw
+bytes while the good documents of the same file survive; byte-range splits read every line exactly once."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipeline_helpers import write_bad_inputs
+from polyko.data.io import BAD_REASONS, ReadConfig, file_format, list_splits, read_split
+
+
+def _read_all(splits, cfg):
+    tables = [t for s in splits for t in read_split(s, cfg)]
+    return pa.concat_tables(tables).to_pylist() if tables else []
+
+
+def test_file_formats():
+    assert file_format("a/b.jsonl") == ("jsonl", None)
+    assert file_format("b.JSONL.GZ") == ("jsonl", "gzip")
+    assert file_format("b.txt.zst") == ("txt", "zstd")
+    assert file_format("b.parquet") == ("parquet", None)
+    assert file_format("README.md") is None
+    assert file_format("b.parquet.gz") is None
+
+
+def test_bad_inputs_quarantined_good_docs_survive(tmp_path, corpus_dir):
+    exp = write_bad_inputs(corpus_dir, tmp_path)
+    (exp["dir"] / "README.md").write_text("not a corpus file")  # skipped, not read
+    cfg = ReadConfig()
+    splits = list_splits([str(exp["dir"])], cfg.split_bytes)
+    assert {s["dataset"] for s in splits} == {"bad"}
+    assert not any(s["file"].endswith("README.md") for s in splits)
+    rows = _read_all(splits, cfg)
+    good: dict[str, int] = {}
+    bad: dict[str, int] = {}
+    for r in rows:
+        name = r["file"].split("/")[-1]
+        if r["bad"] is None:
+            assert r["text"] and r["raw"] is None
+            good[name] = good.get(name, 0) + 1
+        else:
+            assert r["bad"] in BAD_REASONS and r["text"] is None and r["raw"] is not None
+            bad[r["bad"]] = bad.get(r["bad"], 0) + 1
+    assert good == exp["good"], good
+    assert bad == exp["bad"], bad
+    by_reason = {r["bad"]: r for r in rows if r["bad"]}
+    # raw bytes are kept so nothing is lost; the 50 MB line keeps a prefix and its full length
+    assert b"\xff\xfe" in by_reason["invalid_utf8"]["raw"]
+    assert b"\x00" in by_reason["nul_byte"]["raw"]
+    big = by_reason["too_long"]
+    assert big["bytes_in"] > 50_000_000 and len(big["raw"]) == cfg.reject_prefix_bytes and big["line"] == 47
+    assert by_reason["non_korean_file"]["raw"].startswith(b"This is English")
+    # ids: input ids kept as strings, else <dataset>/<file>:<line>
+    ids = {r["id"] for r in rows if r["bad"] is None}
+    assert "zst-0" in ids and "pq-39" in ids and "bad/mixed.jsonl:1" in ids
+
+
+def test_byte_range_splits_read_every_line_once(tmp_path, corpus_dir):
+    src = corpus_dir / "soynlp_news_sample" / "doublespace_line_corpus_sample.jsonl"  # 482 long lines
+    whole = _read_all(list_splits([str(src)]), ReadConfig())
+    splits = list_splits([str(src)], split_bytes=10_000)
+    assert len(splits) > 50
+    parts = _read_all(splits, ReadConfig())
+    assert [r["text"] for r in parts] == [r["text"] for r in whole]
+    assert len(whole) == 482 and all(r["bad"] is None for r in whole)
+    offsets = [r["offset"] for r in parts]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 482
+
+
+def test_source_field_and_custom_text_field(tmp_path):
+    p = tmp_path / "ds" / "a.jsonl.gz"
+    p.parent.mkdir()
+    recs = [{"body": "한국어 문서입니다 아주 좋은 문장이에요", "source": "wiki", "doc": 7},
+            {"body": "두 번째 한국어 문서입니다 역시 좋아요"}]
+    p.write_bytes(gzip.compress("\n".join(json.dumps(r, ensure_ascii=False) for r in recs).encode()))
+    rows = _read_all(list_splits([str(p)]), ReadConfig(text_field="body", id_field="doc"))
+    assert [(r["id"], r["source"]) for r in rows] == [("7", "wiki"), ("ds/a.jsonl.gz:2", "ds")]
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        list_splits([str(tmp_path / "nope")])
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        list_splits([str(tmp_path / "x.csv")])

@@ -1,0 +1,188 @@
+"""The Ray Data corpus pipeline end to end (jobs/prepare_data.py -> polyko.data.pipeline) on slices of the
+real shared corpus plus every kind of bad input, on a real local Ray cluster, logging to a real MLflow
+server. One pipeline run (module fixture) feeds most checks; reruns check skip/refuse/resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline_helpers import RULE_DOCS, write_bad_inputs, write_real_slice, write_rule_docs
+from polyko.data.clean import FILTER_RULES, CleanConfig, clean_text
+
+REPO = Path(__file__).resolve().parents[1]
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "jobs" / "prepare_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, corpus_dir):
+    root = tmp_path_factory.mktemp("pipeline_inputs")
+    counts = write_real_slice(corpus_dir, root / "real")
+    bad = write_bad_inputs(corpus_dir, root / "badin")
+    rules = write_rule_docs(corpus_dir, root / "rulesin")
+    return {"real": root / "real", "bad": bad, "rules": rules, "counts": counts}
+
+
+def _args(inputs, out, *extra):
+    return ["--input", str(inputs["real"]), "--input", str(inputs["bad"]["dir"]), "--input", str(inputs["rules"]),
+            "--output", str(out), "--set", "dedup.num_partitions=2", "--set", "keep_intermediate=true", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory, mlflow_server):
+    """One full run of the job (clean + dedup, MLflow on) -> (output dir, returned stats)."""
+    from polyko.cluster import init_ray
+
+    init_ray(num_cpus=2)  # the job reuses it (same as the ray_local fixture's cluster)
+    out = tmp_path_factory.mktemp("pipeline_out") / "data"
+    stats = _job().main(_args(inputs, out, "--run-name", "test-pipeline"))
+    return out, stats
+
+
+def _cleaned(out: Path) -> list[dict]:
+    return pq.read_table(out / "cleaned", columns=["id", "text", "source"]).to_pylist()
+
+
+def test_outputs_and_totals(finished, inputs):
+    out, stats = finished
+    assert json.loads((out / "stats.json").read_text())["hashes"] == stats["hashes"]
+    rows = _cleaned(out)
+    assert len(rows) == stats["documents_out"] > 1000
+    assert sum(len(r["text"].encode()) for r in rows) == stats["bytes_out"]
+    per = stats["per_source"]
+    for key in ("documents_in", "bytes_in", "documents_out", "bytes_out", "kept_after_clean"):
+        assert sum(s[key] for s in per.values()) == stats[key]
+    # every input line became exactly one record: kept, filtered or bad
+    for s in per.values():
+        assert s["documents_in"] == s["kept_after_clean"] + sum(s["filtered"].values()) + sum(s["bad"].values())
+        assert s["documents_out"] == s["kept_after_clean"] - sum(s["duplicates"].values())
+    assert per["nsmc_raw"]["documents_in"] == inputs["counts"]["nsmc"]
+    assert stats["timings_s"]["total_s"] > 0
+
+
+def test_each_filter_rule_counted_per_source(finished):
+    _, stats = finished
+    rules = stats["per_source"]["rules"]["filtered"]
+    assert rules == {rule: 1 for rule in FILTER_RULES}, rules
+    assert set(RULE_DOCS) == set(FILTER_RULES)
+    # real data: short reviews are dropped in NSMC, and totals are the sum over sources
+    assert stats["per_source"]["nsmc_raw"]["filtered"]["too_short"] > 100
+    for rule, n in stats["filtered"].items():
+        assert n == sum(s["filtered"].get(rule, 0) for s in stats["per_source"].values())
+
+
+def test_exact_and_near_duplicates_removed(finished):
+    out, stats = finished
+    rows = _cleaned(out)
+    texts = [r["text"] for r in rows]
+    assert len(texts) == len(set(texts)), "exact duplicates left in the output"
+    assert len({r["id"] for r in rows}) == len(rows)
+    per = stats["per_source"]
+    assert per["nsmc_raw"]["duplicates"]["exact"] > 0
+    # the North-Korean-orthography rewrites are near duplicates of the .ko lines: most are removed
+    ko, nk = per["korean-english-park.dev.ko"], per["northkorean-english.dev.nk"]
+    near = ko["duplicates"]["near"] + nk["duplicates"]["near"]
+    assert near > 300, (ko, nk)
+    assert stats["duplicates_removed"]["near"] >= near
+    assert ko["documents_out"] + nk["documents_out"] < 0.7 * (ko["kept_after_clean"] + nk["kept_after_clean"])
+
+
+def test_pii_masked_in_output(finished):
+    out, stats = finished
+    assert stats["pii_masked"].get("email", 0) >= 10 and stats["pii_masked"].get("tel", 0) >= 5
+    texts = [r["text"] for r in _cleaned(out)]
+    assert sum("<|email|>" in t for t in texts) >= 10
+    assert sum("<|tel|>" in t for t in texts) >= 5
+    assert not [t for t in texts if EMAIL.search(t)]
+
+
+def test_bad_inputs_counted_quarantined_good_docs_kept(finished, inputs):
+    out, stats = finished
+    exp = inputs["bad"]
+    assert stats["bad_records"] == exp["bad"]
+    assert stats["per_source"]["bad"]["bad"] == exp["bad"]
+    rej = pq.read_table(out / "rejected").to_pylist()
+    assert len(rej) == sum(exp["bad"].values())
+    assert json.loads((out / "rejected" / "_polyko.json").read_text())["records"] == len(rej)
+    by = {}
+    for r in rej:
+        by.setdefault(r["reason"], []).append(r)
+    assert b"\xff\xfe" in by["invalid_utf8"][0]["raw"] and by["invalid_utf8"][0]["line"] == 41
+    assert by["too_long"][0]["bytes_in"] > 50_000_000 and by["too_long"][0]["file"] == "bad/mixed.jsonl"
+    assert {r["file"] for r in by["truncated_file"]} == {"bad/truncated.jsonl.gz", "bad/truncated.jsonl.zst"}
+    assert len(by["non_korean_file"]) == 50
+    # the good documents of the damaged files went through cleaning like any other
+    n_good = sum(exp["good"].values())
+    s = stats["per_source"]["bad"]
+    assert s["kept_after_clean"] + sum(s["filtered"].values()) == n_good
+
+
+def test_all_formats_read(finished, inputs):
+    out, _ = finished
+    ids = {r["id"] for r in _cleaned(out)}
+    assert {"zst-0", "pq-0"} <= ids                          # .jsonl.zst and .parquet, input ids kept
+    assert any(i.startswith("bad/docs.txt:") for i in ids)   # .txt, positional ids
+    assert any(i.startswith("bad/truncated.jsonl.gz:") for i in ids)  # docs before a truncation kept
+    assert any(i.startswith("bad/mixed.jsonl:") for i in ids)
+
+
+def test_rerun_skips_and_other_config_refused(finished, inputs, caplog):
+    out, stats = finished
+    before = (out / "stats.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="polyko.data.pipeline"):
+        again = _job().main(_args(inputs, out))
+    assert "skipped" in caplog.text
+    assert again["hashes"] == stats["hashes"] and again["documents_out"] == stats["documents_out"]
+    assert (out / "stats.json").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="another config"):
+        _job().main(_args(inputs, out, "--set", "dedup.threshold=0.7"))
+    with pytest.raises(ValueError, match="another config"):
+        _job().main(_args(inputs, out, "--set", "clean.filters.min_chars=3"))
+    assert (out / "stats.json").stat().st_mtime_ns == before
+
+
+def test_mlflow_run_logged(finished, mlflow_server):
+    import mlflow
+
+    out, stats = finished
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(stats["mlflow_run_id"])
+    assert run.info.run_name == "test-pipeline"
+    assert run.data.tags["polyko.stage"] == "data"
+    assert run.data.metrics["documents_out"] == stats["documents_out"]
+    assert run.data.metrics["duplicates_removed.exact"] == stats["duplicates_removed"]["exact"]
+    assert run.data.metrics["bad_records.truncated_file"] == 2
+    assert run.data.params["dedup.num_partitions"] == "2"
+    assert "stats.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert json.loads((out / "polyko_run.json").read_text())["run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+def test_resume_after_crash_skips_finished_stage(finished, inputs, tmp_path, caplog):
+    """A crash after the clean stage committed (simulated by removing what the dedup stage writes):
+    the rerun skips reading/cleaning and produces the same output."""
+    out, stats = finished
+    copy = tmp_path / "data"
+    shutil.copytree(out, copy)
+    ref = sorted(r["id"] for r in _cleaned(copy))
+    (copy / "cleaned" / "_polyko.json").unlink()
+    (copy / "stats.json").unlink()
+    with caplog.at_level(logging.INFO, logger="polyko.data.pipeline"):
+        again = _job().main(_args(inputs, copy))
+    assert "clean stage" in caplog.text and "skipped" in caplog.text
+    assert sorted(r["id"] for r in _cleaned(copy)) == ref
+    assert again["documents_out"] == stats["documents_out"]
