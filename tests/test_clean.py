@@ -56,6 +56,8 @@ def test_nfd_hangul_is_composed():
     ("&#xAC00;&#xB098;&#xB2E4; &#44032;", "가나다 가"),
     ("&#x1100;&#x1161;", "가"),  # jamo from entities are composed too
     ("가&#8203;나", "가나"),  # an entity-made zero-width space is removed
+    ("R&D 투자, AT&T 주가, 링크 ?a=1&para=2&not=3", "R&D 투자, AT&T 주가, 링크 ?a=1&para=2&not=3"),  # no ';'
+    ("&amp;lt;b&amp;gt; 이중 이스케이프", "&lt;b&gt; 이중 이스케이프"),  # decoded once, never twice
 ])
 def test_html_entities(raw, want):
     assert norm(raw) == want

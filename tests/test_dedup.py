@@ -108,6 +108,43 @@ def test_minhash_estimates_jaccard_and_is_batch_independent(news, news_pairs):
     assert shingles("최 고", 5) == {"최고"}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_components_local_and_star_rounds_agree_with_union_find(seed):
+    """Both components paths (one-task label propagation; large/small-star rounds, run here on one
+    partition) against a plain union-find, on random graphs with self-loops and repeated edges."""
+    from polyko.data import dedup as D
+
+    rng = np.random.default_rng(seed)
+    n, e = 400, [200, 380, 700][seed]
+    u, v = rng.integers(0, n, e), rng.integers(0, n, e)
+    names = [f"doc-{i:04d}" for i in range(n)]
+    edges = pa.table({"src": [names[i] for i in u], "dst": [names[i] for i in v]})
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(u, v):
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    expected = {names[i]: names[find(i)] for i in set(u) | set(v) if find(i) != i}
+
+    local = D._components_local(edges)
+    assert dict(zip(local["id"].to_pylist(), local["_root"].to_pylist())) == expected
+    a = edges.rename_columns(["u", "v"])
+    for _ in range(50):
+        a = D._small_star(D._small_star_in(D._large_star(D._large_star_in(a))))
+        changed = int(np.asarray(a["_chg"]).sum())
+        a = a.select(["u", "v"])
+        if changed == 0:
+            break
+    assert changed == 0
+    assert dict(zip(a["u"].to_pylist(), a["v"].to_pylist())) == expected
+
+
 def test_config_errors():
     for bad in (dict(threshold=1.5), dict(ngram=0), dict(verify="maybe"), dict(bands=4),
                 dict(bands=20, rows=10)):

@@ -18,7 +18,7 @@ from pipeline_helpers import RULE_DOCS, write_bad_inputs, write_real_slice, writ
 from polyko.data.clean import FILTER_RULES, CleanConfig, clean_text
 
 REPO = Path(__file__).resolve().parents[1]
-EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+\.[A-Za-z]{2,}")
 
 
 def _job():

@@ -61,7 +61,7 @@ def server(tiny_hf_checkpoint, second_checkpoint):
         ray.shutdown()
     os.environ[API_KEY_ENV] = API_KEY   # inherited by the replicas of the local cluster
     metrics_port = free_port()
-    init_ray(num_cpus=2, _metrics_export_port=metrics_port,
+    init_ray(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     cfg = ServeConfig(models=[ModelSpec.parse(f"tiny={tiny_hf_checkpoint}"), ModelSpec.parse(f"b={second_checkpoint}")],
@@ -183,6 +183,19 @@ def test_streaming_matches_non_streaming(server):
     assert [texts[0], texts[1]] == [c["text"] for c in sorted(full["choices"], key=lambda c: c["index"])]
     assert finish == {0: "length", 1: "length"}
     assert len(chunks) > 4   # token by token, not one blob
+
+
+def test_streaming_echo_logprobs(server):
+    body = {"model": "tiny", "prompt": "스트리밍 로그확률", "max_tokens": 4, "temperature": 0, "echo": True,
+            "logprobs": 1, "ignore_eos": True}
+    full = post(server, body).json()["choices"][0]
+    with post(server, {**body, "stream": True}, stream=True) as r:
+        chunks = [json.loads(e)["choices"][0] for e in _sse(r)[:-1]]
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+    lps = [t for c in chunks for t in c["logprobs"]["token_logprobs"]]
+    assert tokens == full["logprobs"]["tokens"]
+    assert lps[0] is None and lps[1:] == pytest.approx(full["logprobs"]["token_logprobs"][1:], abs=1e-5)
 
 
 def test_echo_logprobs_match_direct_forward(server, hf_model):

@@ -100,4 +100,57 @@ def test_engine_batches_like_transformers(tiny_hf_checkpoint):
         want = [logp[len(s.prompt_ids) + i - 1, t].item() for i, t in enumerate(s.generated)]
         assert s.gen_logprobs == pytest.approx(want, abs=1e-4)
         assert s.finish_reason == "length"
-    eng.close()
+
+    async def staggered():
+        # Continuous batching: sequences arriving while others decode join the running batch
+        # (KV caches merged with left padding) and still produce exactly transformers' tokens.
+        long = eng.prepare(["긴 생성을 시작합니다 그리고"], SamplingParams(max_tokens=24, ignore_eos=True, temperature=0),
+                           timeout_s=60)
+        eng.submit(long)
+        while len(long[0].generated) < 5:
+            await asyncio.sleep(0.005)
+        short = eng.prepare([[40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
+                              60, 61, 62, 63, 64, 65, 66, 67, 68, 69], "짧은"],
+                            SamplingParams(max_tokens=6, ignore_eos=True, temperature=0), timeout_s=60)
+        await eng.run(short)
+        assert not long[0].done   # the short ones finished while the long one was still running
+        async for _ in eng.updates(long):
+            pass
+        return long + short
+
+    for s in asyncio.run(staggered()):
+        with torch.no_grad():
+            n = s.params.max_tokens
+            out = ref.generate(torch.tensor([s.prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        assert s.generated == out[0, len(s.prompt_ids):].tolist()
+
+    async def deadlines_and_eviction():
+        # A request past its deadline is finished as "timeout" without generating (never stuck).
+        late = eng.prepare(["늦은 요청"], SamplingParams(max_tokens=50), timeout_s=0)
+        await eng.run(late)
+        assert late[0].finish_reason == "timeout" and late[0].generated == []
+        # close() (Serve's LRU eviction) while sequences are queued: they finish, then the model is freed.
+        busy = eng.prepare(["a", "b", "c"], SamplingParams(max_tokens=5, ignore_eos=True), timeout_s=60)
+        eng.submit(busy)
+        eng.close()
+        with pytest.raises(RequestError) as e:
+            eng.submit(eng.prepare(["d"], SamplingParams(max_tokens=1), timeout_s=60))
+        assert e.value.status == 503 and e.value.retry_after
+        async for _ in eng.updates(busy):
+            pass
+        assert [len(s.generated) for s in busy] == [5, 5, 5]
+        await asyncio.sleep(0.05)
+        assert eng.model is None
+
+    asyncio.run(deadlines_and_eviction())
+
+
+def test_app_builder_takes_serve_yaml_args(tiny_hf_checkpoint):
+    import yaml
+    from ray.serve import Application
+
+    from polyko.serve.app import app_builder
+
+    args = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())["applications"][0]["args"]
+    app = app_builder({**args, "models": [{"name": "tiny", "source": str(tiny_hf_checkpoint)}]})
+    assert isinstance(app, Application)

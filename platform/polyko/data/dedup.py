@@ -317,7 +317,6 @@ class _KeysFn:
             cols["source"] = batch[self.source]
         digests = np.frombuffer(b"".join(exact_key(t) for t in texts), dtype=np.uint64).reshape(-1, 2)
         cols["_xk0"], cols["_xk1"] = pa.array(digests[:, 0]), pa.array(digests[:, 1])
-        cols["_nbytes"] = pc.binary_length(batch[self.text]).cast(pa.int64())
         if self.hasher is not None:
             sig, ok = self.hasher.signatures(texts)
             bands = self.hasher.band_hashes(sig)
@@ -441,28 +440,34 @@ def _components_local(block: pa.Table) -> pa.Table:
 
 def _large_star_in(block: pa.Table) -> pa.Table:
     # both directions: node u sees all its neighbours
-    return pa.table({"u": pa.concat_arrays([block["u"].combine_chunks(), block["v"].combine_chunks()]),
-                     "v": pa.concat_arrays([block["v"].combine_chunks(), block["u"].combine_chunks()])})
+    u, v = block["u"].combine_chunks(), block["v"].combine_chunks()
+    return pa.table({"u": pa.concat_arrays([u, v]), "v": pa.concat_arrays([v, u])})
 
 
 def _small_star_in(block: pa.Table) -> pa.Table:
-    # orient every edge from the larger endpoint to the smaller one
+    # orient every edge from the larger endpoint to the smaller one; keep the large-star change flag
     larger = pc.greater(block["u"], block["v"])
-    return pa.table({"u": pc.if_else(larger, block["u"], block["v"]), "v": pc.if_else(larger, block["v"], block["u"])})
+    return pa.table({"u": pc.if_else(larger, block["u"], block["v"]),
+                     "v": pc.if_else(larger, block["v"], block["u"]), "_chg": block["_chg"]})
 
 
 def _star_step(block: pa.Table, large: bool) -> pa.Table:
     """Large-star: node x with neighbours N, m = min(N + x): emit (n, m) for n in N, n > x.
     Small-star (edges oriented larger->smaller): emit (n, m) for n in N + x, n != m.
-    ``_chg`` counts emissions that are not the edge they came from; 0 over a whole round = fixed point."""
+    ``_chg`` marks emissions that differ from the edge they came from (large-star: m != x; small-star:
+    the group had more than one neighbour or received a changed edge), so a round whose small-star
+    output has no flag left is a fixed point of both operations: the edges are stars around each
+    component's smallest id."""
     if block.num_rows == 0:
-        return pa.table({"u": block["u"], "v": block["v"], "_chg": pa.array([], pa.int64())})
+        return pa.table({"u": block["u"].slice(0, 0), "v": block["v"].slice(0, 0), "_chg": pa.array([], pa.int8())})
     both = pa.concat_arrays([block["u"].combine_chunks(), block["v"].combine_chunks()])
     codes, uniq = _encode(both)
     x, n = codes[: block.num_rows], codes[block.num_rows:]
+    inchg = _np(block["_chg"]).astype(bool) if "_chg" in block.column_names else np.zeros(len(x), bool)
     order = np.lexsort((n, x))
-    x, n = x[order], n[order]
-    keep = _run_starts(x, n)  # drop duplicate (x, n)
+    x, n, inchg = x[order], n[order], inchg[order]
+    keep = _run_starts(x, n)  # drop duplicate (x, n), OR-ing their flags into the first copy
+    inchg = np.bitwise_or.reduceat(inchg, np.flatnonzero(keep)) if len(x) else inchg
     x, n = x[keep], n[keep]
     new = _run_starts(x)
     cuts = np.flatnonzero(new)
@@ -472,15 +477,15 @@ def _star_step(block: pa.Table, large: bool) -> pa.Table:
         sel = n > x
         out_u, out_v, chg = n[sel], m[sel], (m[sel] != x[sel])
     else:
-        gsize = np.diff(np.r_[cuts, len(x)])[group]
+        gsize = np.diff(np.r_[cuts, len(x)])
+        gchg = (gsize > 1) | np.bitwise_or.reduceat(inchg, cuts)
         nodes_u = np.concatenate([n, x[cuts]])
         nodes_m = np.concatenate([m, m[cuts]])
         sel = nodes_u != nodes_m
         out_u, out_v = nodes_u[sel], nodes_m[sel]
-        # a group is unchanged iff it has a single (smaller) neighbour: it re-emits exactly its own edge
-        chg = np.concatenate([gsize > 1, gsize[cuts] > 1])[sel]
+        chg = np.concatenate([gchg[group], gchg])[sel]
     return pa.table({"u": uniq.take(pa.array(out_u)), "v": uniq.take(pa.array(out_v)),
-                     "_chg": pa.array(chg.astype(np.int64))})
+                     "_chg": pa.array(chg.astype(np.int8))})
 
 
 def _large_star(block: pa.Table) -> pa.Table:
@@ -599,14 +604,14 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     keys = ds.select_columns([c for c in (id_column, text_column, source) if c]).map_batches(
         _KeysFn(cfg, text_column, id_column, source), batch_format="pyarrow", batch_size=4096,
         zero_copy_batch=True).materialize()
-    n_docs = keys.count()
-    text_bytes = int(keys.sum("_nbytes") or 0) if n_docs else 0
+    n_docs = keys.count()  # metadata of a materialised dataset: free
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # partitions of ~64 MB of key table, of ~100k documents (~200-400 MB of web text) for the corpus shuffle
     parts = cfg.num_partitions or max(cpus, math.ceil(keys.size_bytes() / (64 << 20)))
-    corpus_parts = cfg.num_partitions or max(cpus, math.ceil(text_bytes / (256 << 20)))
+    corpus_parts = cfg.num_partitions or max(cpus, math.ceil(n_docs / 100_000))
     t_keys = time.perf_counter() - t0
-    log.info("dedup: keys for %d docs (%.1f MB text) in %.1f s (%.0f docs/s); %d partitions",
-             n_docs, text_bytes / 1e6, t_keys, n_docs / max(t_keys, 1e-9), parts)
+    log.info("dedup: keys for %d docs in %.1f s (%.0f docs/s); %d partitions",
+             n_docs, t_keys, n_docs / max(t_keys, 1e-9), parts)
     if n_docs == 0:
         empty = {"id": pa.array([], _schema(keys).field("id").type)}
         if source:
@@ -644,18 +649,17 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
                 edges = _shuffle(_union(e, table, e_schema, t_schema), _K, parts,
                                  _attach_fn(end, payload, f"_p_{end}", id_type, payload_type))
                 e_schema = e_schema.append(pa.field(f"_p_{end}", payload_type))
-            edges = _map(edges, _VerifyFn(cfg)).materialize()
-        n_edges = edges.count()
-        if n_edges == 0:
+            edges = _map(edges, _VerifyFn(cfg))  # lazy: runs inside the components step
+        # the candidate count bounds the verified count: pick the components path without materialising
+        if n_candidates == 0:
             roots = None
-        elif n_edges <= cfg.cc_local_max_edges:
-            roots = edges.repartition(1).map_batches(_components_local, batch_format="pyarrow", batch_size=None)
+        elif n_candidates <= cfg.cc_local_max_edges:
+            roots = edges.repartition(1).map_batches(_components_local, batch_format="pyarrow",
+                                                     batch_size=None).materialize()
         else:
             roots = _components_distributed(edges, parts)
-        if roots is not None:
-            roots = roots.materialize()
-        log.info("dedup: %d candidate pairs, %d after verify=%s, %d near-duplicate docs",
-                 n_candidates, n_edges, cfg.verify, roots.count() if roots is not None else 0)
+        log.info("dedup: %d candidate pairs (verify=%s), %d near-duplicate docs",
+                 n_candidates, cfg.verify, roots.count() if roots is not None else 0)
 
     # 6. resolve dup_of to the surviving id
     cols = ["id", "_rep"] + (["source"] if source else [])
@@ -684,18 +688,16 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     return kept, removed
 
 
-def _components_distributed(edges, parts: int, max_rounds: int = 200):
-    """Large-star / small-star rounds until a fixed point; returns (id, _root) for every non-root node."""
-    import ray.data  # noqa: F401
-
+def _components_distributed(edges, parts: int, max_rounds: int = 100):
+    """Large-star / small-star rounds until a fixed point (one materialisation + one sum per round);
+    returns (id, _root) for every non-root node. Rounds are O(log n) (Kiveris et al. 2014)."""
     a = edges.select_columns(["src", "dst"]).rename_columns({"src": "u", "dst": "v"})
     for rnd in range(max_rounds):
-        b = _shuffle(_map(a, _large_star_in), "u", parts, _large_star).materialize()
-        chg = int(b.sum("_chg") or 0) if b.count() else 0
-        a = _shuffle(_map(b.select_columns(["u", "v"]), _small_star_in), "u", parts, _small_star).materialize()
-        chg += int(a.sum("_chg") or 0) if a.count() else 0
-        a = a.select_columns(["u", "v"])
+        b = _shuffle(_map(a, _large_star_in), "u", parts, _large_star)
+        a = _shuffle(_map(b, _small_star_in), "u", parts, _small_star).materialize()
+        chg = int(a.sum("_chg") or 0) if a.count() else 0
         log.info("dedup: components round %d, %d changed edges", rnd, chg)
+        a = a.select_columns(["u", "v"])
         if chg == 0:
-            return a.rename_columns({"u": "id", "v": "_root"})
+            return a.rename_columns({"u": "id", "v": "_root"}).materialize()
     raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")

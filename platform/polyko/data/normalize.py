@@ -5,8 +5,10 @@ What it does, in order (each step can be switched off in :class:`NormalizeConfig
 1. Unicode NFC (composes decomposed Hangul jamo, e.g. macOS NFD file names / copy-paste).
 2. HTML: drop ``<script>``/``<style>`` blocks and comments with their contents, turn block-level tags
    (``<p> <br> <div> <li> <h1>``...) into newlines, drop all other tags, then unescape entities
-   (``&#39;`` ``&hearts;`` ``&amp;``). Only ``<`` + ASCII letter/``/``/``!`` is a tag, so the Korean
-   title brackets in ``<기생충>은 최고`` survive.
+   (``&#39;`` ``&hearts;`` ``&amp;``; only ``;``-terminated ones, so ``?a=1&para=2`` in a URL stays).
+   Only ``<`` + ASCII letter/``/``/``!`` is a tag, so the Korean title brackets in ``<기생충>은 최고``
+   survive. Entities are decoded after tag stripping: escaped markup (``&lt;div&gt;``) stays visible
+   as text, and the ``markup``/``low_hangul`` filters judge it.
 3. Remove control and invisible characters (zero-width space/joiners, BOM, soft hyphen, bidi marks,
    C0/C1 controls); ``\\r\\n``, ``\\r``, ``\\u2028``, ``\\u2029``, ``\\x85``, ``\\v``, ``\\f`` become
    ``\\n``; tabs and exotic spaces (NBSP, ideographic space ...) become a plain space.
@@ -77,6 +79,15 @@ _HTML_BREAK_RE = re.compile(
 # Any other tag: '<' + ASCII letter ('/', '!', '?'), so '<기생충>' and 'a < b' are not tags.
 _HTML_TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>|<![A-Za-z][^<>]*>|<\?[^<>]*\?>")
 
+# Only ';'-terminated references: html.unescape alone also decodes HTML5's legacy semicolon-less
+# names, which corrupts URLs and prose in plain text ('?a=1&para=2' -> '?a=1¶=2', '&notice' -> '¬ice').
+_ENTITY_RE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+
+def _unescape_entity(m: re.Match) -> str:
+    return html.unescape(m.group(0))
+
+
 # --- control / invisible characters ----------------------------------------------------------------
 # C0 except \t \n \v \f \r, DEL, C1 except NEL(\x85), soft hyphen, zero-width & bidi controls,
 # word joiner & invisible operators, BOM, interlinear annotation, object replacement.
@@ -134,7 +145,7 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
         text = _HTML_BREAK_RE.sub("\n", text)
         text = _HTML_TAG_RE.sub("", text)
     if cfg.unescape_html and "&" in text:
-        text = html.unescape(text)
+        text = _ENTITY_RE.sub(_unescape_entity, text)
         # Entities can produce NFD or controls ('&#x1100;' jamo, '&#8203;' zero-width space).
         if cfg.nfc and not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)

@@ -91,13 +91,17 @@ def plan_chunks(files: list[Path], chunk_bytes: int, text_column: str) -> list[l
 class ChunkPacker:
     """Tokenizes and packs chunks. Built once per worker (loads the Rust tokenizer from its JSON)."""
 
-    def __init__(self, tokenizer_json: str, parts_dir: str, seq_len: int, shard_tokens: int,
-                 text_column: str, source_column: str, batch_size: int):
+    def __init__(self, tokenizer_dir: str, tokenizer_hash: str, parts_dir: str, seq_len: int,
+                 shard_tokens: int, text_column: str, source_column: str, batch_size: int):
         # One Ray worker = one core: the Rust tokenizer must not start a thread per core as well.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from tokenizers import Tokenizer
+        from polyko.tokenizer.bpe import load_tokenizer
+        from polyko.tokenizer.bpe import tokenizer_hash as content_hash
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
+        # Shipped by path (workers share the filesystem anyway); the hash proves it is the same one.
+        got = content_hash(tokenizer_dir)
+        assert got == tokenizer_hash, f"tokenizer {tokenizer_dir} changed during packing ({got} != {tokenizer_hash})"
+        self.tok = load_tokenizer(tokenizer_dir)
         self.eos = self.tok.token_to_id(ENDOFTEXT)
         assert self.eos is not None, f"tokenizer has no {ENDOFTEXT}"
         self.vocab = self.tok.get_vocab_size(with_added_tokens=True)
@@ -252,9 +256,9 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
     shutil.rmtree(parts_dir, ignore_errors=True)
 
     chunks = plan_chunks(files, chunk_bytes, text_column)
-    kwargs = {"tokenizer_json": tok.to_str(), "parts_dir": str(parts_dir.resolve()), "seq_len": seq_len,
-              "shard_tokens": shard_tokens, "text_column": text_column, "source_column": source_column,
-              "batch_size": batch_size}
+    kwargs = {"tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokenizer_hash": tok_hash,
+              "parts_dir": str(parts_dir.resolve()), "seq_len": seq_len, "shard_tokens": shard_tokens,
+              "text_column": text_column, "source_column": source_column, "batch_size": batch_size}
     if workers == 0 or not chunks:
         packer = ChunkPacker(**kwargs)
         summaries = [packer.pack(i, c) for i, c in enumerate(chunks)]

@@ -56,8 +56,10 @@ class PIIConfig:
 
 # ---------------------------------------------------------------------------------------------------
 # e-mail: local part ASCII; domain labels may be IDN (한글.kr) but the TLD is letters.
+# A '.' or Hangul may directly precede the address ('드릴께요.joon@...', '주세요abc@...').
 _EMAIL_RE = re.compile(
-    r"(?<![A-Za-z0-9_%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9가-힣](?:[A-Za-z0-9가-힣-]{0,62}[A-Za-z0-9가-힣])?\.)+"
+    r"(?<![A-Za-z0-9_%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@"
+    r"(?:[A-Za-z0-9가-힣](?:[A-Za-z0-9가-힣-]{0,62}[A-Za-z0-9가-힣])?\.)+"
     r"[A-Za-z]{2,24}(?![A-Za-z0-9-])"
 )
 
@@ -111,16 +113,16 @@ _ACC_KEYWORD_RE = re.compile(
 _SEP = r"(?:\s?[-.]\s?|\s|\)\s?|)"
 _AREA = r"(?:01[016789]|02|0(?:3[1-3]|4[1-4]|5[1-5]|6[1-4])|070|050\d|080)"
 _TEL_RE = re.compile(
-    r"(?<![\d.,/:\w-])(?:"
+    # Not after a Latin letter, digit or URL/number punctuation; Hangul may precede ('번호010-...'),
+    # and so may an ellipsis ('없나...010 2318 2919'), but not a decimal point ('3.0212345678').
+    r"(?<![\dA-Za-z,/:_=&?-])(?<!\d\.)(?:"
     # +82 forms: +82 10-..., +82-2-..., +82 (0)10 ..., +821012345678
-    r"\+\s?82[-.\s]?(?:\(0\)\s?)?0?(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|80)" + _SEP + r"\d{3,4}" + _SEP + r"\d{4}"
+    r"\+\s?82[-.\s]?(?:\(0\)\s?)?0?(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|80)"
+    + _SEP + r"\d{3,4}" + _SEP + r"\d{4}"
     # domestic: (02) 123-4567, 010-1234-5678, 01012345678
-    r"|(?:\(" + _AREA + r"\)\s?|" + _AREA + _SEP + r")\d{3,4}" + r"(?:\s?[-.]\s?|\s|)" + r"\d{4}"
+    r"|(?:\(" + _AREA + r"\)\s?|" + _AREA + _SEP + r")\d{3,4}(?:\s?[-.]\s?|\s|)\d{4}"
     r")(?![\d]|[.,-]\d)"
 )
-# Korean '\w' includes Hangul: allow Hangul right before a number ('번호010-...') but not Latin/digit.
-# '...010 2318 2919' (ellipsis before the number) is common; a decimal like '3.0212345678' is not a phone.
-_TEL_RE = re.compile(_TEL_RE.pattern.replace(r"(?<![\d.,/:\w-])", r"(?<![\dA-Za-z,/:_=&?-])(?<!\d\.)"))
 # Service numbers 15xx/16xx/18xx-xxxx (hyphen or dot only: 8 plain digits are too ambiguous).
 _SERVICE_RE = re.compile(r"(?<![\dA-Za-z.,/:_-])(1[568]\d{2})[-.](\d{4})(?![\d]|[.,-]\d|\s?년)")
 
@@ -164,6 +166,11 @@ def _acc_keyword_ok(m: re.Match) -> bool:
     return 10 <= len(digits) <= 14 and "--" not in number and _TEL_RE.fullmatch(number) is None
 
 
+def may_contain_pii(text: str) -> bool:
+    """Cheap pre-check (one C scan): False means ``mask_pii`` would certainly change nothing."""
+    return "@" in text or _DIGIT_RE.search(text) is not None
+
+
 def mask_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
     """Replace PII with ``PII_TOKENS``; returns (text, counts by kind). Counts only non-zero kinds."""
     counts: dict[str, int] = {}
@@ -182,7 +189,8 @@ def mask_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
             counts["rrn"] = mk.n
     if cfg.acc:
         mk = _Masker(PII_TOKENS["acc"], _acc_layout_ok)
-        text = _ACC_LAYOUT_RE.sub(mk, text)
+        if "-" in text:  # every layout is hyphenated; the alternation is the costliest scan here
+            text = _ACC_LAYOUT_RE.sub(mk, text)
         mk2 = _Masker(PII_TOKENS["acc"], _acc_keyword_ok, group=1)
         text = _ACC_KEYWORD_RE.sub(mk2, text)
         if mk.n + mk2.n:

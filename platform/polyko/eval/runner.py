@@ -126,7 +126,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tags = {"polyko.checkpoint": cfg.model, "polyko.eval.data": data.describe()}
     if model_dir is not None:
-        tags["polyko.checkpoint_dir"] = str(model_dir)
+        # For a URL the local dir is the tokenizer's (a checkpoint dir when it has config.json).
+        tags["polyko.tokenizer_dir" if cfg.is_endpoint else "polyko.checkpoint_dir"] = str(model_dir)
     if cfg.limit:
         tags["polyko.eval.limited"] = f"first {cfg.limit} docs per task: not comparable to published numbers"
 

@@ -312,78 +312,85 @@ class HFEngine:
             self._task = self._loop.create_task(self._run_loop())
 
     async def _run_loop(self) -> None:
+        """Continuous batching: at every decode-step boundary, queued sequences are prefilled
+        together and join the running batch (their KV cache is merged into it); finished ones
+        leave it. A request never waits for a whole batch of longer generations to end."""
+        loop = asyncio.get_running_loop()
+        running: list[Sequence] = []
+        state: dict | None = None
         try:
             while True:
-                if not self._waiting:
+                if not running and not self._waiting:
                     if self._closed:
                         return
                     await self._wake.wait()
                     self._wake.clear()
                     continue
-                if len(self._waiting) < self.cfg.max_batch_size and self.cfg.batch_wait_ms > 0:
-                    # Let concurrent requests arrive: costs <= batch_wait_ms latency, fills the batch.
+                if not running and len(self._waiting) < self.cfg.max_batch_size and self.cfg.batch_wait_ms > 0:
+                    # Idle engine: let concurrent requests arrive (costs <= batch_wait_ms, fills the batch).
                     await asyncio.sleep(self.cfg.batch_wait_ms / 1000)
-                batch = self._take_batch()
-                if not batch:
-                    continue
+                new = self._take_batch(running) if (state is None or self._can_merge) else []
                 try:
-                    await self._run_batch(batch)
+                    if new:
+                        new_state, picks = await loop.run_in_executor(self._executor, self._prefill, new)
+                        self._advance(new, picks, first=True)
+                        keep = [i for i, q in enumerate(new) if not q.done]
+                        if keep:
+                            state = await loop.run_in_executor(self._executor, self._merge, state, new_state, keep)
+                            running += [new[i] for i in keep]
+                    if running:
+                        picks = await loop.run_in_executor(self._executor, self._decode, state, running)
+                        self._advance(running, picks)
+                        keep = [i for i, q in enumerate(running) if not q.done]
+                        if len(keep) < len(running):
+                            running = [running[i] for i in keep]
+                            state = self._select_rows(state, keep) if running else None
                 except asyncio.CancelledError:
                     raise
-                except Exception as e:  # a bug or OOM: fail this batch, keep serving
-                    log.exception("engine %s: batch of %d failed", self.name, len(batch))
-                    for s in batch:
-                        if not s.done:
-                            s.error = RequestError(f"generation failed: {type(e).__name__}: {e}", None,
+                except Exception as e:  # a bug or OOM: fail these sequences, keep serving
+                    log.exception("engine %s: step failed", self.name)
+                    for q in running + new:
+                        if not q.done:
+                            q.error = RequestError(f"generation failed: {type(e).__name__}: {e}", None,
                                                    status=500, type="server_error")
-                            s.finish_reason = "error"
-                            s._notify()
+                            q.finish_reason = "error"
+                            q._notify()
+                    running, state = [], None
         finally:
             if self._closed:
                 self._free()
 
-    def _take_batch(self) -> list[Sequence]:
-        """Up to max_batch_size queued sequences whose padded prefill stays within
-        max_batch_tokens (attention and activations grow with batch x longest prompt)."""
+    def _take_batch(self, running: list[Sequence]) -> list[Sequence]:
+        """Queued sequences that fit beside ``running``: at most max_batch_size in all, and
+        rows x (longest prompt + max_tokens) within max_batch_tokens (the KV cache and
+        activations grow with both). An idle engine always takes at least one."""
         batch: list[Sequence] = []
-        longest = 0
-        while self._waiting and len(batch) < self.cfg.max_batch_size:
-            s = self._waiting[0]
-            if s.cancelled:
+        longest = max((len(q.prompt_ids) + q.params.max_tokens for q in running), default=0)
+        while self._waiting and len(running) + len(batch) < self.cfg.max_batch_size:
+            q = self._waiting[0]
+            if q.cancelled:
                 self._waiting.popleft()
                 continue
-            n = len(s.prompt_ids) + s.params.max_tokens
-            if batch and (len(batch) + 1) * max(longest, n) > self.cfg.max_batch_tokens:
+            n = len(q.prompt_ids) + q.params.max_tokens
+            if (running or batch) and (len(running) + len(batch) + 1) * max(longest, n) > self.cfg.max_batch_tokens:
                 break
             longest = max(longest, n)
             batch.append(self._waiting.popleft())
         return batch
 
-    async def _run_batch(self, seqs: list[Sequence]) -> None:
-        loop = asyncio.get_running_loop()
-        state, picks = await loop.run_in_executor(self._executor, self._prefill, seqs)
-        for s in seqs:
-            if s.params.max_tokens == 0:        # echo-only scoring request
-                s.finish_reason = "length"
-        active = [i for i, s in enumerate(seqs) if not s.done]
-        while True:
-            now = time.monotonic()
-            for i in active:
-                s = seqs[i]
-                if s.cancelled:
-                    s.finish_reason = "cancelled"
-                elif now > s.deadline:
-                    s.finish_reason = "timeout"
-                else:
-                    self._append(s, *picks[i])
-            for s in seqs:
-                s._notify()
-            keep = [j for j, i in enumerate(active) if not seqs[i].done]
-            if not keep:
-                return
-            active = [active[j] for j in keep]
-            picks = await loop.run_in_executor(self._executor, self._decode, state, keep, [seqs[i] for i in active])
-            picks = {i: p for i, p in zip(active, picks)}
+    def _advance(self, seqs: list[Sequence], picks, *, first: bool = False) -> None:
+        """Apply one step's picked tokens (or finish cancelled/late sequences) and wake waiters."""
+        now = time.monotonic()
+        for q, pick in zip(seqs, picks):
+            if q.cancelled:
+                q.finish_reason = "cancelled"
+            elif now > q.deadline:
+                q.finish_reason = "timeout"
+            elif first and q.params.max_tokens == 0:   # echo-only scoring request
+                q.finish_reason = "length"
+            else:
+                self._append(q, *pick)
+            q._notify()
 
     def _append(self, s: Sequence, tok: int, lp: float, top: dict[int, float]) -> None:
         s.generated.append(tok)
@@ -487,21 +494,57 @@ class HFEngine:
             tops.extend(rows)
         s.prompt_logprobs, s.prompt_top = lps, tops
 
-    def _decode(self, state: dict, keep: list[int], seqs: list[Sequence]):
+    def _decode(self, state: dict, seqs: list[Sequence]):
+        """One token for every running row, reusing (and extending) the KV cache."""
         torch = self.torch
         with torch.inference_mode():
-            cache, mask, pos = state["cache"], state["mask"], state["pos"]
-            tokens = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.long, device=self.device)
-            if len(keep) < mask.shape[0]:      # drop finished rows from the batch and the KV cache
-                sel = torch.tensor(keep, dtype=torch.long, device=self.device)
-                cache.batch_select_indices(sel)
-                mask, pos = mask[sel], pos[sel]
-            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos + 1
+            cache = state["cache"]
+            tokens = torch.tensor([q.generated[-1] for q in seqs], dtype=torch.long, device=self.device)
+            mask = torch.cat([state["mask"], torch.ones((len(seqs), 1), dtype=torch.long, device=self.device)], dim=1)
+            pos = state["pos"] + 1
             out = self.base(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
                             use_cache=True, **{self._cache_kw: cache})
             state.update(mask=mask, pos=pos)
             return self._select(self.lm_head(out.last_hidden_state[:, -1]), seqs)
+
+    def _select_rows(self, state: dict, keep: list[int]) -> dict:
+        """Drop finished rows from the batch and its KV cache."""
+        sel = self.torch.tensor(keep, dtype=self.torch.long, device=self.device)
+        state["cache"].batch_select_indices(sel)
+        state.update(mask=state["mask"][sel], pos=state["pos"][sel])
+        return state
+
+    @property
+    def _can_merge(self) -> bool:
+        """Caches whose layers are plain DynamicLayers (keys/values [B, H, T, D]) can be merged;
+        others (sliding windows, quantized) fall back to admitting only into an idle engine."""
+        from transformers.cache_utils import DynamicLayer
+
+        if not hasattr(self, "_merge_ok"):
+            probe = self._new_cache()
+            self._merge_ok = hasattr(probe, "layers") and all(type(x) is DynamicLayer for x in probe.layers)
+        return self._merge_ok
+
+    def _merge(self, state: dict | None, new: dict, keep: list[int]) -> dict:
+        """Rows ``keep`` of a fresh prefill joined to the running batch: both caches are
+        left-padded (zeros, masked out) to the same length and concatenated on the batch axis.
+        Position ids are per row, so padding changes no row's numbers."""
+        torch = self.torch
+        if len(keep) < new["mask"].shape[0]:
+            new = self._select_rows(new, keep)
+        if state is None:
+            return new
+        ta, tb = state["mask"].shape[1], new["mask"].shape[1]
+        t = max(ta, tb)
+        F = torch.nn.functional
+        with torch.inference_mode():
+            for la, lb in zip(state["cache"].layers, new["cache"].layers):
+                la.keys = torch.cat([F.pad(la.keys, (0, 0, t - ta, 0)), F.pad(lb.keys, (0, 0, t - tb, 0))], dim=0)
+                la.values = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(lb.values, (0, 0, t - tb, 0))], dim=0)
+            mask = torch.cat([F.pad(state["mask"], (t - ta, 0)), F.pad(new["mask"], (t - tb, 0))], dim=0)
+            pos = torch.cat([state["pos"], new["pos"]], dim=0)
+        state.update(mask=mask, pos=pos)
+        return state
 
     # ------------------------------------------------------------------ helpers for responses
     def token_strings(self, ids: list[int]) -> list[str]:

@@ -75,7 +75,7 @@ class MetricsSink:
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
         if self.jsonl:
             with self.jsonl.open("a") as f:
-                f.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+                f.write(json.dumps({**values, "step": step, "time": time.time()}) + "\n")
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != "step")
         print(f"[polyko] step {step} {shown}", flush=True)
 

@@ -165,12 +165,14 @@ GENERATORS = {"news": news, "review": review, "dialogue": dialogue, "wiki": wiki
 
 # --- dirty records (all personal data below is invented) ---------------------------------------------
 def fake_phone(r: random.Random) -> str:
-    fmt = r.choice(["010-{a}-{b}", "010 {a} {b}", "010{a}{b}", "02-{c}-{b}", "031-{c}-{b}", "+82 10-{a}-{b}", "070-{a}-{b}"])
+    fmt = r.choice(["010-{a}-{b}", "010 {a} {b}", "010{a}{b}", "02-{c}-{b}", "031-{c}-{b}", "+82 10-{a}-{b}",
+                    "070-{a}-{b}"])
     return fmt.format(a=r.randint(2000, 9999), b=r.randint(1000, 9999), c=r.randint(200, 999))
 
 
 def fake_rrn(r: random.Random) -> str:
-    return f"{r.randint(60, 99):02d}{r.randint(1, 12):02d}{r.randint(1, 28):02d}-{r.choice('1234')}{r.randint(0, 999999):06d}"
+    birth = f"{r.randint(60, 99):02d}{r.randint(1, 12):02d}{r.randint(1, 28):02d}"
+    return f"{birth}-{r.choice('1234')}{r.randint(0, 999999):06d}"
 
 
 def fake_acc(r: random.Random) -> str:
@@ -181,7 +183,8 @@ def fake_acc(r: random.Random) -> str:
 
 
 def fake_email(r: random.Random) -> str:
-    return f"{r.choice(['hong', 'minji', 'user', 'kim.dev', 'review_fan', 'test'])}{r.randint(1, 999)}@{r.choice(['example.com', 'example.kr', 'example.net'])}"
+    user = r.choice(["hong", "minji", "user", "kim.dev", "review_fan", "test"])
+    return f"{user}{r.randint(1, 999)}@{r.choice(['example.com', 'example.kr', 'example.net'])}"
 
 
 def pii_doc(r: random.Random) -> str:
@@ -234,7 +237,8 @@ CODE = [
     "SELECT id, name FROM users WHERE age > 20 ORDER BY name;",
     "if (x == null) { $result = []; } else { $result = [$x]; }",
 ]
-MARKUP_ONLY = ["<div><span></span></div>", "&nbsp;&nbsp;&nbsp;", "<br><br><br>", "[[분류:문서]] {{틀:정보}} [[파일:그림.png]] | = |",
+MARKUP_ONLY = ["<div><span></span></div>", "&nbsp;&nbsp;&nbsp;", "<br><br><br>",
+               "[[분류:문서]] {{틀:정보}} [[파일:그림.png]] | = |",
                "<table><tr><td></td></tr></table>"]
 
 
@@ -321,9 +325,13 @@ def write(out: Path = HERE) -> dict:
                        ensure_ascii=False).encode("utf-8") for i in range(4)]
     bad_lines = [
         good[0],
-        b'{"id": "bad-broken", "text": "\xeb\x8b\xab\xed\x9e\x88\xec\xa7\x80 \xec\x95\x8a\xec\x9d\x80 JSON", "source": "web"',
+        # malformed JSON (no closing brace)
+        b'{"id": "bad-broken", "text": "\xeb\x8b\xab\xed\x9e\x88\xec\xa7\x80 \xec\x95\x8a\xec\x9d\x80 JSON", '
+        b'"source": "web"',
         good[1],
-        b'{"id": "bad-utf8", "text": "\xff\xfe\xc3\x28 \xea\xb9\xa8\xec\xa7\x84 \xeb\xb0\x94\xec\x9d\xb4\xed\x8a\xb8", "source": "web"}',
+        # invalid UTF-8 (0xff 0xfe, a broken 2-byte sequence) inside otherwise valid JSON
+        b'{"id": "bad-utf8", "text": "\xff\xfe\xc3\x28 \xea\xb9\xa8\xec\xa7\x84 '
+        b'\xeb\xb0\x94\xec\x9d\xb4\xed\x8a\xb8", "source": "web"}',
         good[2],
         b'{"id": "bad-nul", "text": "NUL\x00\x00 \xeb\xb0\x94\xec\x9d\xb4\xed\x8a\xb8", "source": "web"}',
         b"\x00\x00\x00",
