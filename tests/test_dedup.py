@@ -254,3 +254,7 @@ def test_bad_input(ray_local):
         deduplicate(ds, DedupConfig())
     with pytest.raises(ValueError, match="exact / near"):
         deduplicate(ds, DedupConfig(exact=False, near=False), text_column="body")
+    twice = ray.data.from_items([{"id": 1, "text": "가나다라마"}, {"id": 1, "text": "바사아자차"}])
+    kept, _ = deduplicate(twice, DedupConfig(near=False))
+    with pytest.raises(ValueError, match="not unique"):
+        kept.take_all()

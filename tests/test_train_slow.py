@@ -76,7 +76,10 @@ def two_node_cluster(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1", PYTHONUNBUFFERED="1")
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1", PYTHONUNBUFFERED="1",
+               # `ray start --head` turns token auth on by default in Ray 2.60; nodes, drivers and `ray job`
+               # would then all need the token. A private test cluster on 127.0.0.1 opts out.
+               RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
     head = _ray_start(["--head", "--num-cpus=0", f"--port={port}", f"--dashboard-port={dash}",
@@ -89,11 +92,17 @@ def two_node_cluster(tmp_path_factory):
                            text=True, env=env)
         return r.stdout
 
+    deadline = time.time() + 180
+    while time.time() < deadline and "Node status" not in cpus():  # the head (GCS) is up
+        assert head.poll() is None, (root / "head.log").read_text()[-3000:]
+        time.sleep(3)
     # Worker raylets must register within Ray's fixed 30 s; on a loaded machine a start can miss it: retry.
     for i in range(2):
         for attempt in range(4):
-            w = _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", *_node_ports()], env,
-                           root / f"w{i}-{attempt}.log")
+            # A temp dir per node: nodes sharing one would share runtime_resources/, and one node's runtime-env
+            # agent re-extracting the job's working_dir pulls it from under the others' processes.
+            w = _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={root}/w{i}", *_node_ports()],
+                           env, root / f"w{i}-{attempt}.log")
             deadline = time.time() + 150
             while time.time() < deadline and w.poll() is None and f"/{i + 1}.0 CPU" not in cpus():
                 time.sleep(3)

@@ -38,7 +38,8 @@ partition -- the same contract ``groupby().map_groups`` uses, without its per-gr
 
 Determinism: which copy survives never depends on block order, partition count or worker count:
 exact clusters keep their smallest id, near clusters their smallest id (ids compare as Arrow sorts
-them: numbers numerically, strings by code point). Ids must be unique (the pipeline's ids are).
+them: numbers numerically, strings by code point). Ids must be unique (the pipeline's ids are); a repeated
+id raises ValueError when ``kept`` is computed.
 
 Canonical forms (the input is already NFKC-normalised and cleaned by ``polyko.data.clean``):
 * exact: whitespace runs collapsed to one space, ends stripped (so "a  b\\n" == "a b").
@@ -59,7 +60,7 @@ of the weighted false-positive + false-negative areas of the LSH S-curve (datask
 ``_optimal_param``; ``threshold=0.8, num_perm=128`` gives 9 bands x 13 rows).
 
 Runs on a CPU laptop: ``python -m pytest -q tests/test_dedup.py`` (private 2-CPU Ray cluster).
-Throughput: ``python benchmarks/bench_dedup.py``.
+For corpora larger than the object store set ``RAY_DATA_ENABLE_DISK_SHUFFLE=1`` (Ray's disk-based shuffle).
 """
 
 from __future__ import annotations
@@ -520,12 +521,22 @@ class _AntiJoin:
     def __init__(self, id_column: str, names: list[str]):
         self.id, self.names = id_column, names
 
+    def _check_unique(self, docs: pa.Table) -> None:
+        # equal ids share a partition, so this per-partition check is global (and nearly free)
+        if pc.count_distinct(docs[self.id]).as_py() != docs.num_rows:
+            counts = pc.value_counts(docs[self.id])
+            dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
+            raise ValueError(f"deduplicate: id column {self.id!r} is not unique (e.g. {dup}); "
+                             "give every document its own id")
+
     def __call__(self, block: pa.Table) -> pa.Table:
         if _DROP not in block.column_names:
+            self._check_unique(block)
             return block.select(self.names)
         marker = pc.fill_null(block[_DROP], False)
         drop_ids = block[self.id].filter(marker)
         docs = block.filter(pc.invert(marker)).drop_columns([_DROP])
+        self._check_unique(docs)
         if drop_ids.length():
             docs = docs.filter(pc.invert(pc.is_in(docs[self.id], value_set=drop_ids.combine_chunks())))
         return docs.select(self.names)
@@ -565,7 +576,7 @@ def _schema(ds) -> pa.Schema:
 
 
 # ---------------------------------------------------------------------------------------- driver
-def _shuffle(ds, key: str, partitions: int, fn, name: str | None = None, **kw):
+def _shuffle(ds, key: str, partitions: int, fn, **kw):
     """Hash-partition on ``key`` (each partition = one block with all rows of its keys) and run ``fn``
     once per partition -- the execution plan of ``groupby(key).map_groups`` minus the per-group calls."""
     return ds.repartition(partitions, keys=[key], sort=True).map_batches(

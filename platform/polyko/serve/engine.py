@@ -1,11 +1,13 @@
 """Batched text generation for one checkpoint: the engine behind every model replica.
 
-:class:`HFEngine` runs a transformers causal LM with a KV cache. Requests from concurrent HTTP
-calls are queued; an asyncio loop takes up to ``max_batch_size`` of them, left-pads them into ONE
-prefill forward pass (attention mask + position ids so padding changes nothing), then decodes all
-of them together one token per step, reusing the KV cache. Finished sequences leave the batch
-(their cache rows are dropped), so short requests don't pay for long ones. Forward passes run in
-a dedicated thread: the replica's event loop keeps answering health checks and queueing requests.
+:class:`HFEngine` runs a transformers causal LM with a KV cache and continuous batching. Requests
+from concurrent HTTP calls are queued; at every decode-step boundary the loop prefills the queued
+sequences together (left-padded, with attention mask and per-row position ids, so padding changes
+no row's numbers), merges their KV cache into the running batch, and decodes all running
+sequences one token per step. Finished sequences leave the batch (their cache rows are dropped),
+so a short request neither waits for nor pays for long ones. Batch size and batch x length are
+bounded (``max_batch_size``, ``max_batch_tokens``), the queue too (``max_queued`` -> 503). Forward
+passes run in a dedicated thread: the replica's event loop keeps answering while the model works.
 
 Per-sequence sampling: greedy at temperature 0, else temperature + nucleus (top_p) sampling with a
 per-sequence ``torch.Generator`` (``seed`` makes it reproducible). Log-probabilities are those of
@@ -19,9 +21,8 @@ engine would implement on GPU nodes (``EngineConfig.kind = "vllm"``; not built y
 On a CPU::
 
     eng = HFEngine("work/export/tiny", EngineConfig())
-    # inside an event loop:
-    seqs = eng.prepare({"prompt": "안녕하세요", "max_tokens": 8, ...})
-    await eng.run(seqs)   # fills seqs[i].generated / .text / .finish_reason
+    seqs = eng.prepare(["안녕하세요"], SamplingParams(max_tokens=8, temperature=0), timeout_s=60)
+    asyncio.run(eng.run(seqs))   # fills seqs[i].generated / .text / .finish_reason
 """
 
 from __future__ import annotations
