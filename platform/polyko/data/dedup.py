@@ -108,7 +108,7 @@ class DedupConfig:
     bands: int = 0                    # LSH bands; 0 = derive (bands, rows) with optimal_bands(threshold, num_perm)
     rows: int = 0                     # rows per band; set together with bands (bands * rows <= num_perm)
     false_positive_weight: float = 0.5  # weights of the FP / FN areas optimal_bands minimises
-    verify: str = "minhash"           # "none" | "minhash" (full-signature Jaccard) | "jaccard" (true, needs text shuffles)
+    verify: str = "minhash"           # "none" | "minhash" (full-signature estimate) | "jaccard" (true; 2 text shuffles)
     ignore_spaces: bool = True        # near dedup: shingle the text with all whitespace removed (Korean spacing varies)
     num_partitions: int = 0           # shuffle partitions; 0 = max(cluster CPUs, key-table MB / 64, corpus MB / 256)
     cc_local_max_edges: int = 20_000_000  # components in ONE task up to this many edges (~40 B/edge), else distributed
@@ -500,7 +500,10 @@ def _small_star(block: pa.Table) -> pa.Table:
 def _resolve(block: pa.Table) -> pa.Table:
     """Partition keyed by representative id: rows of the key table (``_rep`` set) and component roots
     (``_root`` set, keyed by the node id). Emits the removed rows with dup_of = the surviving id."""
-    has_root = pc.is_valid(block["_root"]) if "_root" in block.column_names else pa.array(np.zeros(block.num_rows, bool))
+    if "_root" in block.column_names:
+        has_root = pc.is_valid(block["_root"])
+    else:
+        has_root = pa.array(np.zeros(block.num_rows, bool))
     roots = block.filter(has_root)
     docs = block.filter(pc.invert(has_root))
     root_of_rep = roots["_root"].take(pc.index_in(docs["_rep"], value_set=roots["id"])) if roots.num_rows else \
