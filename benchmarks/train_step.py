@@ -13,6 +13,7 @@ and the faster of its two medians is used. Prints ONE JSON line; goal: overhead 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -108,14 +109,16 @@ def main() -> None:
 
     from polyko.cluster import init_ray
 
-    init_ray(num_cpus=a.threads)
+    # Progress (ours and the workers') goes to stderr: stdout carries only the JSON line.
+    init_ray(num_cpus=a.threads, log_to_driver=False)
     result: dict = {"benchmark": "train_step", "device": "cpu", "threads": a.threads, "steps": a.steps}
     try:
         for size in a.sizes.split(","):
             shape = SHAPES[size]
             tokens = make_tokens(tmp / f"tokens-{size}", tokenizer_dir, shape["seq_len"])
             base1 = plain_loop(size, tokens, tokenizer_dir, shape, a.steps, a.threads)
-            ray_t = ray_loop(size, tokens, tokenizer_dir, shape, a.steps + 2, a.threads, tmp / f"run-{size}")
+            with contextlib.redirect_stdout(sys.stderr):
+                ray_t = ray_loop(size, tokens, tokenizer_dir, shape, a.steps + 2, a.threads, tmp / f"run-{size}")
             base2 = plain_loop(size, tokens, tokenizer_dir, shape, a.steps, a.threads)
             plain = min(statistics.median(base1), statistics.median(base2))
             ds = statistics.median(ray_t)

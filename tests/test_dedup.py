@@ -304,6 +304,12 @@ def test_bad_input(ray_local):
         deduplicate(ds, DedupConfig())
     with pytest.raises(ValueError, match="exact / near"):
         deduplicate(ds, DedupConfig(exact=False, near=False), text_column="body")
+
+
+@pytest.mark.slow  # a whole pipeline run (~15-30 s here) for one error message
+def test_repeated_id_is_an_error(ray_local):
+    import ray.data
+
     twice = ray.data.from_items([{"id": 1, "text": "가나다라마"}, {"id": 1, "text": "바사아자차"}])
     kept, _ = deduplicate(twice, DedupConfig(near=False))
     with pytest.raises(Exception, match="not unique"):  # the ValueError comes wrapped by Ray Data
