@@ -4,7 +4,7 @@ OpenAI-style server (``jobs/serve.py`` + lm-eval's ``local-completions``), in th
 Prints ONE JSON line; the endpoint figure is a ratio against the direct baseline, and the two
 runs' per-task macro-F1 must agree (same model, same requests).
 
-    python benchmarks/eval_speed.py                      # tiny preset, all 10,122 requests (~2 + ~3 min on 2 CPUs)
+    python benchmarks/eval_speed.py                      # tiny preset, all 10,122 requests (~3 + ~4 min on 2 idle CPUs)
     python benchmarks/eval_speed.py --limit 50           # quick look
     python benchmarks/eval_speed.py --model DIR --skip-serve
 
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--model", default="", help="HF checkpoint dir (default: a fresh tiny-preset model)")
     ap.add_argument("--kobest-dir", default=os.environ.get("POLYKO_KOBEST_DIR", str(SHARED / "kobest")))
     ap.add_argument("--limit", type=int, default=0, help="docs per task (0 = full test sets)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8, help="direct run's batch (on a CPU 8 beats 32 ~2.5x)")
     ap.add_argument("--num-concurrent", type=int, default=4)
     ap.add_argument("--skip-serve", action="store_true")
     a = ap.parse_args()

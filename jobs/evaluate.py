@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="docs per task for quick runs (0 = full test sets)")
     p.add_argument("--kobest-dir", default="", help="local KoBEST <task>/<split>.jsonl (default $POLYKO_KOBEST_DIR, else the HF hub)")
     p.add_argument("--output", default="", help="output dir (default <work dir>/eval/<config hash>)")
-    p.add_argument("--batch-size", type=int, default=16, help="0 = lm-eval's automatic batch size (GPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="8 suits a CPU; 0 = lm-eval's automatic batch size (GPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tokenizer", default="", help="tokenizer dir for a --model URL")

@@ -104,6 +104,11 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         engine.load_checkpoint(str(load_dir), tag=ckpt_io.DS_TAG, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
         start_step = meta["step"]
+        if load_dir != found[0]:
+            # The universal copy (16 B/param: fp32 master + Adam) is only needed for this load.
+            dist.barrier()
+            if local_rank == 0:
+                shutil.rmtree(load_dir, ignore_errors=True)
         if rank == 0:
             print(f"[polyko] resumed from {found[0]} at step {start_step} "
                   f"(saved by {meta['world_size']} workers, now {world})", flush=True)
@@ -167,6 +172,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             last_ckpt_s = metrics["checkpoint_seconds"] = time.perf_counter() - t1
         if sink is not None:
             sink.log(done, metrics)
+    if sink is not None:
+        sink.close()
 
 
 def _find_checkpoint(cfg: PretrainConfig):

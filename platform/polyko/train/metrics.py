@@ -72,12 +72,22 @@ class MetricsSink:
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()])
+            # Asynchronous: the step never waits on the tracking server (flushed in close()).
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in values.items()],
+                                  synchronous=False)
         if self.jsonl:
             with self.jsonl.open("a") as f:
                 f.write(json.dumps({**values, "step": step, "time": time.time()}) + "\n")
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != "step")
         print(f"[polyko] step {step} {shown}", flush=True)
+
+
+    def close(self) -> None:
+        """Wait until every queued MLflow write has reached the server."""
+        if self.client is not None:
+            import mlflow
+
+            mlflow.flush_async_logging()
 
 
 def _fmt(v: float) -> str:
