@@ -196,7 +196,7 @@ def test_components_local_and_star_rounds_agree_with_union_find(seed):
 
 def test_config_errors():
     for bad in (dict(threshold=1.5), dict(ngram=0), dict(verify="maybe"), dict(bands=4),
-                dict(bands=20, rows=10)):
+                dict(bands=20, rows=10), dict(local_max_docs=-1)):
         with pytest.raises(ValueError):
             DedupConfig(**bad)
 
@@ -214,7 +214,8 @@ def test_exact_dedup_matches_brute_force_on_nsmc(ray_local, corpus_dir):
     expected = {i: min(ids) for ids in groups.values() if len(ids) > 1 for i in ids if i != min(ids)}
     assert len(expected) > 1000  # the sample really is full of repeats ("최고", "굿", ...)
 
-    kept, removed = deduplicate(_dataset(rows, 6), DedupConfig(near=False))
+    # local_max_docs=0: the distributed (hash-shuffle) exact path; the news tests run the one-task path
+    kept, removed = deduplicate(_dataset(rows, 6), DedupConfig(near=False, local_max_docs=0))
     got = _removed(removed)
     assert {i: d for i, (d, _) in got.items()} == expected
     assert {k for _, k in got.values()} == {"exact"}
@@ -273,7 +274,7 @@ def test_threshold_determinism_workers_partitions_and_distributed_components(new
 
     _, rem = news_default
     text = {r["id"]: r["text"] for r in news}
-    cfg = DedupConfig(threshold=0.95, verify="jaccard", num_partitions=3, cc_local_max_edges=0)
+    cfg = DedupConfig(threshold=0.95, verify="jaccard", num_partitions=3, cc_local_max_edges=0, local_max_docs=0)
     ctx = ray.data.DataContext.get_current()
     old = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = ExecutionResources(cpu=1)  # one worker at a time
@@ -311,6 +312,7 @@ def test_repeated_id_is_an_error(ray_local):
     import ray.data
 
     twice = ray.data.from_items([{"id": 1, "text": "가나다라마"}, {"id": 1, "text": "바사아자차"}])
-    kept, _ = deduplicate(twice, DedupConfig(near=False))
-    with pytest.raises(Exception, match="not unique"):  # the ValueError comes wrapped by Ray Data
-        kept.take_all()
+    for local_max_docs in (0, 10):  # distributed path: raised when kept is computed; one-task path: at once
+        with pytest.raises(Exception, match="not unique"):  # the ValueError comes wrapped by Ray Data
+            kept, _ = deduplicate(twice, DedupConfig(near=False, local_max_docs=local_max_docs))
+            kept.take_all()

@@ -36,10 +36,19 @@ partition -- the same contract ``groupby().map_groups`` uses, without its per-gr
              ``kept`` is returned LAZILY (materialise it if you consume it twice); its row order is the
              hash-partition order, sorted by id within a partition (call ``.sort(id)`` if you need more).
 
+Small corpora (up to ``local_max_docs`` documents, default 500k, i.e. a key table of ~0.3 GB with
+``verify="minhash"``) skip every shuffle: steps 2-6 run as ONE Ray task over the (already
+materialised, text-free) key table, with the very same per-partition functions, and step 7 becomes a
+broadcast anti-join (each map task over the corpus fetches the removed-id table from the object store
+and filters its block; ``kept`` then keeps the input order). Each hash shuffle costs seconds of actor
+start-up and scheduling however small its input, so on a laptop this path is ~5-10x faster; results
+are identical (tests run both paths against the same single-process reference). ``verify="jaccard"``
+needs the texts and always takes the distributed path.
+
 Determinism: which copy survives never depends on block order, partition count or worker count:
 exact clusters keep their smallest id, near clusters their smallest id (ids compare as Arrow sorts
 them: numbers numerically, strings by code point). Ids must be unique (the pipeline's ids are); a repeated
-id raises ValueError when ``kept`` is computed.
+id raises ValueError (one-task path: from ``deduplicate`` itself; distributed path: when ``kept`` is computed).
 
 Canonical forms (the input is already NFKC-normalised and cleaned by ``polyko.data.clean``):
 * exact: whitespace runs collapsed to one space, ends stripped (so "a  b\\n" == "a b").
@@ -112,6 +121,8 @@ class DedupConfig:
     ignore_spaces: bool = True        # near dedup: shingle the text with all whitespace removed (Korean spacing varies)
     num_partitions: int = 0           # shuffle partitions; 0 = max(cluster CPUs, key-table MB / 64, corpus MB / 256)
     cc_local_max_edges: int = 20_000_000  # components in ONE task up to this many edges (~40 B/edge), else distributed
+    local_max_docs: int = 500_000     # whole dedup in ONE task up to this many docs (~1 KB/doc of key table
+                                      # and work space with verify="minhash"), else shuffles; 0 = always shuffle
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
@@ -128,8 +139,8 @@ class DedupConfig:
             raise ValueError(f"DedupConfig.bands * rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
         if not 0.0 <= self.false_positive_weight <= 1.0:
             raise ValueError("DedupConfig.false_positive_weight must be in [0, 1]")
-        if self.num_partitions < 0 or self.cc_local_max_edges < 0:
-            raise ValueError("DedupConfig.num_partitions and cc_local_max_edges must be >= 0")
+        if self.num_partitions < 0 or self.cc_local_max_edges < 0 or self.local_max_docs < 0:
+            raise ValueError("DedupConfig.num_partitions, cc_local_max_edges and local_max_docs must be >= 0")
 
     def band_rows(self) -> tuple[int, int]:
         """(bands, rows) used for LSH."""
@@ -439,6 +450,60 @@ def _components_local(block: pa.Table) -> pa.Table:
     return pa.table({"id": uniq.take(pa.array(nonroot)), "_root": uniq.take(pa.array(label[nonroot]))})
 
 
+class _LocalDedup:
+    """Steps 2-6 in ONE task over the whole key table (``DedupConfig.local_max_docs`` bounds its size):
+    exact representatives, LSH buckets, star edges, MinHash verification, components and dup_of
+    resolution run as numpy/Arrow passes over one block -- the same per-partition functions the
+    distributed path runs after each shuffle, so both paths give identical results. Saves ~5 hash
+    shuffles (each costs seconds of actor start-up and scheduling however small the table)."""
+
+    def __init__(self, cfg: DedupConfig, id_column: str, source: bool):
+        self.cfg, self.id, self.source = cfg, id_column, source
+
+    def __call__(self, keys: pa.Table) -> pa.Table:
+        cfg = self.cfg
+        if pc.count_distinct(keys["id"]).as_py() != keys.num_rows:
+            counts = pc.value_counts(keys["id"])
+            dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
+            raise ValueError(f"deduplicate: id column {self.id!r} is not unique (e.g. {dup}); "
+                             "give every document its own id")
+        marked = _mark_exact(keys) if cfg.exact else _no_exact(keys)
+        id_type = keys.schema.field("id").type
+        roots = pa.table({"id": pa.array([], id_type), "_root": pa.array([], id_type)})
+        if cfg.near:
+            reps = _is_rep(marked)
+            edges = _star_edges(_Explode(cfg.band_rows()[0])(reps.select(["id", "_ok", "_bands"])))
+            if edges.num_rows and cfg.verify == "minhash":
+                ids = reps["id"].combine_chunks()
+                for end in ("src", "dst"):
+                    idx = pc.index_in(edges[end], value_set=ids)
+                    assert idx.null_count == 0, "edge endpoint missing from the key table"
+                    edges = edges.append_column(f"_p_{end}", reps["_sig"].take(idx))
+                edges = _VerifyFn(cfg)(edges)
+            assert cfg.verify != "jaccard", "jaccard verification needs the texts: distributed path"
+            if edges.num_rows:
+                roots = _components_local(edges)
+        cols = ["id", "_rep"] + (["source"] if self.source else [])
+        return _resolve_tables(marked.select(cols), roots)
+
+
+class _DropIds:
+    """kept = corpus minus the removed ids (a broadcast anti-join: the removed-id table, bounded by
+    ``local_max_docs``, is fetched once per task from the object store -- no shuffle of the corpus)."""
+
+    def __init__(self, refs: list, id_column: str, names: list[str]):
+        self.refs, self.id, self.names = refs, id_column, names
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        import ray
+
+        drop = [t["id"] for t in ray.get(self.refs) if t.num_rows]
+        if drop:
+            ids = pa.chunked_array(drop).combine_chunks()
+            block = block.filter(pc.invert(pc.is_in(block[self.id], value_set=ids)))
+        return block.select(self.names)
+
+
 def _large_star_in(block: pa.Table) -> pa.Table:
     # both directions: node u sees all its neighbours
     u, v = block["u"].combine_chunks(), block["v"].combine_chunks()
@@ -504,8 +569,11 @@ def _resolve(block: pa.Table) -> pa.Table:
         has_root = pc.is_valid(block["_root"])
     else:
         has_root = pa.array(np.zeros(block.num_rows, bool))
-    roots = block.filter(has_root)
-    docs = block.filter(pc.invert(has_root))
+    return _resolve_tables(block.filter(pc.invert(has_root)), block.filter(has_root))
+
+
+def _resolve_tables(docs: pa.Table, roots: pa.Table) -> pa.Table:
+    """docs (id, _rep[, source]) + roots (id, _root) of the same representatives -> removed rows."""
     root_of_rep = roots["_root"].take(pc.index_in(docs["_rep"], value_set=roots["id"])) if roots.num_rows else \
         pa.nulls(docs.num_rows, docs["_rep"].type)
     is_rep = pc.equal(docs["id"], docs["_rep"])
@@ -632,6 +700,16 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
             empty["source"] = pa.array([], pa.string())
         empty.update(dup_of=empty["id"], kind=pa.array([], pa.string()))
         return ds, ray.data.from_arrow(pa.table(empty))
+
+    if n_docs <= cfg.local_max_docs and not (cfg.near and cfg.verify == "jaccard"):
+        # 2-6 in one task, 7 as a broadcast filter: no shuffle at all
+        removed = keys.repartition(1).map_batches(
+            _LocalDedup(cfg, id_column, bool(source)), batch_format="pyarrow", batch_size=None,
+            zero_copy_batch=True).materialize()
+        log.info("dedup: %d of %d docs removed in %.1f s (one-task path)", removed.count(), n_docs,
+                 time.perf_counter() - t0)
+        kept = _map(ds, _DropIds(removed.to_arrow_refs(), id_column, names))
+        return kept, removed
 
     # 2. exact
     marked = (_shuffle(keys, "_xk0", parts, _mark_exact) if cfg.exact else _map(keys, _no_exact)).materialize()

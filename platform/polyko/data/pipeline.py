@@ -177,14 +177,49 @@ def grouped_counts(ds: Any, keys: list[str], sums: list[str]) -> list[dict[str, 
     hundred rows on a laptop, for no gain at this size.)"""
     partial = ds.map_batches(_count_batch, batch_format="pyarrow", batch_size=None,
                              fn_kwargs={"keys": keys, "sums": sums})
+    return fold_counts(partial.iter_rows(), keys, sums)
+
+
+def fold_counts(partial_rows: Any, keys: list[str], sums: list[str]) -> list[dict[str, Any]]:
+    """Fold partial count rows (dicts with ``keys``, ``n``, ``sums``) into sorted group totals."""
     acc: dict[tuple, dict[str, Any]] = {}
-    for r in partial.iter_rows():
+    for r in partial_rows:
         k = tuple(r[c] for c in keys)
         a = acc.setdefault(k, {**dict(zip(keys, k)), "n": 0, **{c: 0 for c in sums}})
         a["n"] += int(r["n"])
         for c in sums:
             a[c] += int(r[c] or 0)
     return [acc[k] for k in sorted(acc, key=lambda k: tuple(str(x) for x in k))]
+
+
+def counting_parquet_sink(path: str, keys: list[str], sums: list[str], extra: Any = None, **kw: Any) -> Any:
+    """A Ray Parquet datasink whose write tasks also return per-block partial counts of what they wrote
+    (``_count_batch`` rows, after ``extra(table)`` adds derived columns): the stats come with the write,
+    without reading the output again. After ``ds.write_datasink(sink)``, ``sink.counts`` holds the
+    folded totals (the partial rows are blocks x groups, never documents)."""
+    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+    from ray.data.block import BlockAccessor
+
+    class _Sink(ParquetDatasink):
+        def write(self, blocks, ctx):  # runs in the write task
+            blocks = list(blocks)
+            super().write(blocks, ctx)
+            parts = []
+            for b in blocks:
+                t = BlockAccessor.for_block(b).to_arrow()
+                if t.num_rows:
+                    t = extra(t) if extra is not None else t
+                    parts.append(_count_batch(t.select(keys + [c for c in sums]), keys, sums))
+            return pa.concat_tables(parts).to_pylist() if parts else []
+
+        def on_write_complete(self, write_result):  # runs in the driver
+            super().on_write_complete(write_result)
+            self.counts = fold_counts((r for rows in write_result.write_returns if rows for r in rows),
+                                      keys, sums)
+
+    sink = _Sink(path, **kw)
+    sink.counts = []
+    return sink
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,13 +359,12 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
         ds = ray.data.from_items(splits, override_num_blocks=max(1, len(splits)))
         ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy", fn_kwargs={"cfg": cfg.read})
         ds = ds.map_batches(clean_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.clean})
-        ds.write_parquet(docs, min_rows_per_file=cfg.rows_per_file)
-        timings["read_clean_s"] = round(time.time() - t0, 3)
-        t0 = time.time()
         sums = ["bytes_in", "bytes_out", *(f"pii_{k}" for k in PII_KINDS)]
-        clean_stats = grouped_counts(ray.data.read_parquet(docs, columns=["source", "kind", "reason", *sums]),
-                                     ["source", "kind", "reason"], sums)
-        timings["clean_stats_s"] = round(time.time() - t0, 3)
+        # the per-source/rule counts come back from the write tasks: no second read of the corpus
+        sink = counting_parquet_sink(docs, ["source", "kind", "reason"], sums, min_rows_per_file=cfg.rows_per_file)
+        ds.write_datasink(sink)
+        clean_stats = sink.counts
+        timings["read_clean_s"] = round(time.time() - t0, 3)
         out.write_json({"config_hash": hashes["clean"], "stats": clean_stats, "timings": timings}, stage, SUCCESS)
     if not done_rej:
         t0 = time.time()
@@ -355,14 +389,12 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
         kept = (ray.data.read_parquet(docs, columns=["id", "text", "source", "kind"])
                 .map_batches(_keep_kept, batch_format="pyarrow", batch_size=None))
         survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="id")
-        survivors.select_columns(["id", "text", "source"]).write_parquet(
-            out.path("cleaned"), min_rows_per_file=cfg.rows_per_file)
+        sink = counting_parquet_sink(out.path("cleaned"), ["source"], ["bytes"], extra=_with_bytes,
+                                     min_rows_per_file=cfg.rows_per_file)
+        survivors.select_columns(["id", "text", "source"]).write_datasink(sink)
+        out_stats = sink.counts  # documents/bytes out per source, counted by the write tasks
         timings["dedup_write_s"] = round(time.time() - t0, 3)
         t0 = time.time()
-        out_stats = grouped_counts(
-            ray.data.read_parquet(out.path("cleaned"), columns=["source", "text"]).map_batches(
-                _with_bytes, batch_format="pyarrow", batch_size=None).select_columns(["source", "bytes"]),
-            ["source"], ["bytes"])
         dedup_stats = grouped_counts(removed.select_columns(["source", "kind"]), ["source", "kind"], [])
         timings["dedup_stats_s"] = round(time.time() - t0, 3)
         out.write_json({"config_hash": hashes["dedup"], "clean_hash": hashes["clean"], "dedup": dedup_stats,

@@ -68,8 +68,13 @@ def preflight(cfg: PretrainConfig) -> int:
     tokens = open_tokens(cfg.data.path, cfg.data.tokenizer)
     workers = cfg.scaling.ray_num_workers()
     lo, hi = workers if isinstance(workers, tuple) else (workers, workers)
-    for w in range(lo, hi + 1):  # an elastic run may land on any of these
+    for w in {lo, hi}:
         BatchLayout.derive(cfg.batch.global_batch_tokens, tokens.seq_len, w, cfg.batch.micro_batch)
+    g = cfg.batch.global_batch_tokens // tokens.seq_len
+    uneven = [w for w in range(lo, hi + 1) if g % w]
+    if uneven:  # an elastic restart may land on one of these: it then fails with a clear error (and retries)
+        print(f"[polyko] WARNING: the global batch of {g} sequences does not split over {len(uneven)} worker "
+              f"counts in [{lo}, {hi}] (e.g. {uneven[:5]}); prefer a range of divisors of {g}", flush=True)
     if cfg.model.init_from and not (Path(cfg.model.init_from) / "config.json").is_file():
         raise ValueError(f"--init-from {cfg.model.init_from}: not an HF checkpoint dir (no config.json)")
     return tokens.seq_len
