@@ -1,8 +1,8 @@
 """Evaluate a model on KoBEST (lm-eval's kobest tasks) and record it in MLflow (``polyko-eval``).
 
-    python jobs/evaluate.py --model work/export/tiny --shots 0 --limit 20            # CPU smoke run
+    python jobs/evaluate.py --model work/quickstart/pretrain/hf --shots 0 --limit 20            # CPU smoke run
     python jobs/evaluate.py --model models:/polyko-1.3b@candidate --shots 0,5,10,50  # the paper's table
-    python jobs/evaluate.py --model http://127.0.0.1:8000/v1 --tokenizer work/export/tiny --shots 0
+    python jobs/evaluate.py --model http://127.0.0.1:8000/v1 --tokenizer work/quickstart/pretrain/hf --shots 0
 
 Writes OUTPUT/results.json (lm-eval's full output per shot count) and OUTPUT/table.md.
 """

@@ -1,6 +1,6 @@
 """Register an HF checkpoint in the MLflow model registry, or move an alias.
 
-    python jobs/register.py --model work/export/tiny --name polyko-tiny --alias candidate
+    python jobs/register.py --model work/quickstart/pretrain/hf --name polyko-tiny --alias candidate
     python jobs/register.py --name polyko-tiny --alias production --version 3     # promote / roll back
 
 Load it back anywhere: ``polyko.registry.resolve_model("models:/polyko-tiny@production")`` (also

@@ -1,6 +1,6 @@
 """Serve checkpoints behind an OpenAI-style completions API (Ray Serve).
 
-    python jobs/serve.py --model work/export/tiny                       # http://127.0.0.1:8000
+    python jobs/serve.py --model tiny=work/quickstart/pretrain/hf                       # http://127.0.0.1:8000
     python jobs/serve.py --model ko-small=ckpt/a --model models:/polyko-1.3b@prod --max-resident 2
     POLYKO_API_KEY=secret python jobs/serve.py --model ckpt/a --api-key-env POLYKO_API_KEY
 

@@ -258,3 +258,14 @@ def test_bad_input_is_a_clear_error(tmp_path, cleaned):
         from polyko.tokenizer import MorphConfig
 
         MorphConfig(method="mecab")
+
+
+def test_rerun_of_finished_config_is_skipped(trained, cleaned, polyglot_tokenizer_dir):
+    out, report = trained
+    before = (out / "tokenizer.json").stat().st_mtime_ns
+    again = _load_job().main([
+        "--input", str(cleaned), "--output", str(out), "--vocab-size", str(VOCAB), "--run-name", "test-tok",
+        "--set", "heldout_fraction=0.05", "--set", "morph.min_frequency=3",
+        "--set", f"reference_tokenizer={polyglot_tokenizer_dir}"])
+    assert again["mlflow_run_id"] == report["mlflow_run_id"]      # no new run, no retraining
+    assert (out / "tokenizer.json").stat().st_mtime_ns == before

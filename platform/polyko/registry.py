@@ -1,6 +1,6 @@
 """Model registry: HF checkpoints as MLflow model versions with aliases, and back to local dirs.
 
-    register_checkpoint("work/export/tiny", "polyko-tiny", alias="candidate")   # -> version "1"
+    register_checkpoint("work/quickstart/pretrain/hf", "polyko-tiny", alias="candidate")   # -> version "1"
     resolve_model("models:/polyko-tiny@candidate")                               # -> local HF dir
 
 How a checkpoint is stored (and why). MLflow 3's ``register_model("runs:/<id>/folder")`` refuses a

@@ -7,7 +7,7 @@ any nested field.
 
 CPU quickstart (a tiny model, 20 documents per task, zero-shot)::
 
-    python jobs/evaluate.py --model work/export/tiny --shots 0 --limit 20
+    python jobs/evaluate.py --model work/quickstart/pretrain/hf --shots 0 --limit 20
 """
 
 from __future__ import annotations

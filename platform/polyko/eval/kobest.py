@@ -10,7 +10,7 @@ untouched and only point their data at local JSONL: a group YAML, written into a
 
 Run on a CPU (tiny model, 20 docs per task)::
 
-    python jobs/evaluate.py --model work/export/tiny --shots 0 --limit 20 --kobest-dir ../shared/data/kobest
+    python jobs/evaluate.py --model work/quickstart/pretrain/hf --shots 0 --limit 20 --kobest-dir ../shared/data/kobest
 
 Cost: the TaskManager indexes only lm-eval's kobest folder and ours (the whole tree would take ~9 s).
 """

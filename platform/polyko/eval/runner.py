@@ -4,7 +4,7 @@ that produced the checkpoint.
 
 CPU run (tiny model, 20 docs per task, zero-shot, ~30 s)::
 
-    python jobs/evaluate.py --model work/export/tiny --shots 0 --limit 20
+    python jobs/evaluate.py --model work/quickstart/pretrain/hf --shots 0 --limit 20
 
 What a run records: params = the flattened EvalConfig; metrics ``<task>/<acc|f1|acc_norm>/<N>shot``
 (e.g. ``kobest_copa/f1/5shot``) and ``kobest/f1_avg/<N>shot`` (the card's average column); tags

@@ -14,7 +14,7 @@ A request's ``model`` field selects one of the configured names only; it is neve
 
 Run it (CPU, one tiny checkpoint)::
 
-    python jobs/serve.py --model work/export/tiny
+    python jobs/serve.py --model tiny=work/quickstart/pretrain/hf
     serve run cluster/serve.yaml                  # the same, from a Serve config file
 
 or from Python: ``serve.run(build_app(cfg))``; ``app_builder(args)`` is the import path for

@@ -8,7 +8,7 @@ limits that keep a replica bounded, the batching engine and the Serve autoscalin
 
 CPU quickstart::
 
-    python jobs/serve.py --model work/export/tiny          # http://127.0.0.1:8000/v1/completions
+    python jobs/serve.py --model tiny=work/quickstart/pretrain/hf          # http://127.0.0.1:8000/v1/completions
 """
 
 from __future__ import annotations

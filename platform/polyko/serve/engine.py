@@ -20,7 +20,7 @@ engine would implement on GPU nodes (``EngineConfig.kind = "vllm"``; not built y
 
 On a CPU::
 
-    eng = HFEngine("work/export/tiny", EngineConfig())
+    eng = HFEngine("work/quickstart/pretrain/hf", EngineConfig())
     seqs = eng.prepare(["안녕하세요"], SamplingParams(max_tokens=8, temperature=0), timeout_s=60)
     asyncio.run(eng.run(seqs))   # fills seqs[i].generated / .text / .finish_reason
 """

@@ -203,6 +203,22 @@ def _fertility_section(tok, seg: MorphemeSegmenter, heldout: list[Doc], ref_dir:
     return out
 
 
+def _finished_report(out: Path, cfg: TokenizerConfig) -> dict[str, Any] | None:
+    """The report of a finished training of this same config in ``out`` (report.json is written
+    last, and polyko_run.json records the config hash), so re-running a finished step does nothing."""
+    import json
+
+    from polyko import tracking
+    from polyko.config import config_hash
+
+    marker, report = out / tracking.RUN_MARKER, out / REPORT
+    if not (marker.is_file() and report.is_file()):
+        return None
+    if json.loads(marker.read_text()).get("config_hash") != config_hash(cfg):
+        return None
+    return json.loads(report.read_text())
+
+
 def train_tokenizer(cfg: TokenizerConfig, *, run_name: str | None = None) -> dict[str, Any]:
     """Train, save ``cfg.output`` and return the report (also ``cfg.output/report.json``)."""
     import json
@@ -217,6 +233,10 @@ def train_tokenizer(cfg: TokenizerConfig, *, run_name: str | None = None) -> dic
     if inp.is_dir() and (out == inp or inp in out.parents):
         raise ValueError(f"output {out} is inside the input {inp}: its files would be read as corpus")
     files = list_input_files(cfg.input)
+    previous = _finished_report(out, cfg)
+    if previous is not None:
+        print(f"[polyko] tokenizer {out} already trained with this config: skipped", flush=True)
+        return previous
     with tracking.start_run("tokenizer", cfg, output=out, parents=tracking.lineage(cfg.input),
                             run_name=run_name) as run:
         t0 = time.perf_counter()
