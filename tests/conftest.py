@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -53,12 +52,6 @@ def polyglot_tokenizer_dir(shared_data) -> Path:
     return shared_data / "reference" / "polyglot-ko-tokenizer"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def ray_local():
     """A private local Ray cluster (2 CPUs), reused across tests: started on first use, and again
@@ -77,6 +70,8 @@ def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 with a sqlite backend; sets MLFLOW_TRACKING_URI for the
     session (Ray workers started afterwards inherit it). Yields the URI."""
     root = tmp_path_factory.mktemp("mlflow")
+    from polyko.cluster import free_port
+
     port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"

@@ -73,7 +73,8 @@ class PipelineConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     rows_per_file: int = 100_000
     """Minimum documents per output Parquet file: fewer, larger files (~100 MB of text at 1 KiB/doc)
-    instead of one tiny file per block."""
+    instead of one tiny file per block (the intermediate DIR/.stages files use an eighth of it, so
+    the dedup read of a small corpus still spreads over several tasks)."""
     keep_intermediate: bool = False
     """Keep DIR/.stages/clean-*/docs (every record with its fate, ~ the corpus size again) after the
     run; needed only to re-dedup without re-cleaning."""
@@ -359,7 +360,10 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
         ds = ds.map_batches(clean_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.clean})
         sums = ["bytes_in", "bytes_out", *(f"pii_{k}" for k in PII_KINDS)]
         # the per-source/rule counts come back from the write tasks: no second read of the corpus
-        sink = counting_parquet_sink(docs, ["source", "kind", "reason"], sums, min_rows_per_file=cfg.rows_per_file)
+        # intermediate files of >= rows_per_file / 8 records: the dedup stage reads (and MinHashes)
+        # one file per task, so a small corpus in one big file would run on one core
+        sink = counting_parquet_sink(docs, ["source", "kind", "reason"], sums,
+                                     min_rows_per_file=max(1, cfg.rows_per_file // 8))
         ds.write_datasink(sink)
         clean_stats = sink.counts
         timings["read_clean_s"] = round(time.time() - t0, 3)

@@ -98,16 +98,8 @@ def resolve_tokens_dir(path: str) -> str:
 
 def tokenizer_hash(tokenizer_dir: str) -> str:
     """The tokenizer's identity as recorded in token manifests (``polyko.tokenizer.tokenizer_hash``)."""
-    try:
-        from polyko.tokenizer import tokenizer_hash as th
-    except ImportError:  # same definition: sha256 of the canonical tokenizer.json minus truncation/padding
-        import json
+    from polyko.tokenizer import tokenizer_hash as th
 
-        d = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
-        d.pop("truncation", None)
-        d.pop("padding", None)
-        blob = json.dumps(d, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
     return th(tokenizer_dir)
 
 
