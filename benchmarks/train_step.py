@@ -73,7 +73,8 @@ def plain_loop(size: str, tokens: Path, tokenizer_dir: Path, shape: dict, steps:
     return [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:])]
 
 
-def ray_loop(size: str, tokens: Path, tokenizer_dir: Path, shape: dict, steps: int, threads: int, out: Path) -> list[float]:
+def ray_loop(size: str, tokens: Path, tokenizer_dir: Path, shape: dict, steps: int, threads: int, out: Path,
+             zero_stage: int) -> list[float]:
     from polyko.train import pretrain
     from polyko.train.config import (BatchConfig, CheckpointConfig, DataConfig, DeepSpeedConfig, ModelConfig,
                                      OptimConfig, PretrainConfig, ScalingConfig)
@@ -83,7 +84,7 @@ def ray_loop(size: str, tokens: Path, tokenizer_dir: Path, shape: dict, steps: i
                          optim=OptimConfig(lr=1e-4, warmup_steps=1),
                          batch=BatchConfig(global_batch_tokens=shape["global_batch"] * shape["seq_len"],
                                            micro_batch=shape["micro"]),
-                         deepspeed=DeepSpeedConfig(zero_stage=2), checkpoint=CheckpointConfig(every_steps=10**6, keep=1),
+                         deepspeed=DeepSpeedConfig(zero_stage=zero_stage), checkpoint=CheckpointConfig(every_steps=10**6, keep=1),
                          scaling=ScalingConfig(num_workers=1, cpus_per_worker=threads),
                          steps=steps, output=str(out), export=False)
     pretrain(cfg)
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sizes", default="tiny,50m")
+    p.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of the Ray Train + DeepSpeed run")
     a = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     tokenizer_dir = SHARED / "reference" / "polyglot-ko-tokenizer"
@@ -111,14 +113,16 @@ def main() -> None:
 
     # Progress (ours and the workers') goes to stderr: stdout carries only the JSON line.
     init_ray(num_cpus=a.threads, log_to_driver=False)
-    result: dict = {"benchmark": "train_step", "device": "cpu", "threads": a.threads, "steps": a.steps}
+    result: dict = {"benchmark": "train_step", "device": "cpu", "threads": a.threads, "steps": a.steps,
+                    "zero_stage": a.zero_stage}
     try:
         for size in a.sizes.split(","):
             shape = SHAPES[size]
             tokens = make_tokens(tmp / f"tokens-{size}", tokenizer_dir, shape["seq_len"])
             base1 = plain_loop(size, tokens, tokenizer_dir, shape, a.steps, a.threads)
             with contextlib.redirect_stdout(sys.stderr):
-                ray_t = ray_loop(size, tokens, tokenizer_dir, shape, a.steps + 2, a.threads, tmp / f"run-{size}")
+                ray_t = ray_loop(size, tokens, tokenizer_dir, shape, a.steps + 2, a.threads, tmp / f"run-{size}",
+                                 a.zero_stage)
             base2 = plain_loop(size, tokens, tokenizer_dir, shape, a.steps, a.threads)
             plain = min(statistics.median(base1), statistics.median(base2))
             ds = statistics.median(ray_t)
