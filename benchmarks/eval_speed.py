@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,9 +66,9 @@ def f1s(res: dict) -> dict[str, float]:
 
 
 def start_server(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from polyko.cluster import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "serve.py"), "--model", f"tiny={model_dir}",
                              "--port", str(port)], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=REPO)

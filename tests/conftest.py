@@ -117,23 +117,33 @@ def work_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_hf_checkpoint(tmp_path_factory, polyglot_tokenizer_dir) -> Path:
-    """A small HF-format GPT-NeoX checkpoint (``tiny`` preset, seeded random weights, safetensors)
-    with the real Polyglot-Ko tokenizer, ``<|endoftext|>`` (id 2) as eos. For eval/serve tests that
-    need a real model and a real Korean tokenizer but not a trained one."""
-    import torch
-    from transformers import AutoTokenizer
+def make_tiny_checkpoint(tmp_path_factory, polyglot_tokenizer_dir):
+    """``make(seed) -> Path``: a small HF-format GPT-NeoX checkpoint (``tiny`` preset, random weights
+    seeded by ``seed``, safetensors) with the real Polyglot-Ko tokenizer, ``<|endoftext|>`` (id 2) as
+    eos. For eval/serve tests that need a real model and a real Korean tokenizer but not a trained one."""
 
-    from polyko.model import build_config, build_model
+    def make(seed: int = 0) -> Path:
+        import torch
+        from transformers import AutoTokenizer
 
-    out = tmp_path_factory.mktemp("tiny_hf")
-    tok = AutoTokenizer.from_pretrained(str(polyglot_tokenizer_dir))
-    tok.eos_token = "<|endoftext|>"
-    tok.pad_token = "<pad>"
-    torch.manual_seed(0)
-    model = build_model(build_config("tiny"))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+        from polyko.model import build_config, build_model
+
+        out = tmp_path_factory.mktemp(f"tiny_hf_seed{seed}")
+        tok = AutoTokenizer.from_pretrained(str(polyglot_tokenizer_dir))
+        tok.eos_token = "<|endoftext|>"
+        tok.pad_token = "<pad>"
+        torch.manual_seed(seed)
+        model = build_model(build_config("tiny"))
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(make_tiny_checkpoint) -> Path:
+    """The seed-0 checkpoint of :func:`make_tiny_checkpoint`, shared by the whole session."""
+    return make_tiny_checkpoint(0)

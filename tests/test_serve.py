@@ -22,28 +22,10 @@ API_KEY_ENV = "POLYKO_TEST_SERVE_KEY"
 API_KEY = "test-key-3f9a"
 
 
-def _save_checkpoint(out, tokenizer_dir, seed):
-    import torch
-    from transformers import AutoTokenizer
-
-    from polyko.model import build_config, build_model
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tok.eos_token = "<|endoftext|>"
-    tok.pad_token = "<pad>"
-    torch.manual_seed(seed)
-    model = build_model(build_config("tiny"))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def second_checkpoint(tmp_path_factory, polyglot_tokenizer_dir):
+def second_checkpoint(make_tiny_checkpoint):
     """Another tiny checkpoint (different seed) for multiplexing."""
-    return _save_checkpoint(tmp_path_factory.mktemp("tiny_hf_b"), polyglot_tokenizer_dir, seed=1)
+    return make_tiny_checkpoint(1)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from polyko.data.shards import MANIFEST, read_manifest, shard_name, token_dtype, write_manifest, write_shard
+from polyko.data.shards import MANIFEST, is_remote, read_manifest, shard_name, token_dtype, write_manifest, write_shard
 
 PARTS_DIR = ".parts"
 ENDOFTEXT = "<|endoftext|>"
@@ -225,7 +225,7 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
     if chunk_bytes < 1 or shard_tokens < seq_len or batch_size < 1:
         raise ValueError("chunk_bytes and batch_size must be >= 1 and shard_tokens >= seq_len")
     for name, p in (("cleaned_dir", cleaned_dir), ("out_dir", out_dir)):
-        if "://" in str(p) and not str(p).startswith("file://"):
+        if is_remote(p):
             raise ValueError(f"{name} {p}: packing reads and writes local or mounted paths (NFS, FUSE); "
                              "copy the shards to object storage afterwards, TokenShards reads them there")
     cleaned_dir, out_dir = (str(p).removeprefix("file://") for p in (cleaned_dir, out_dir))

@@ -44,6 +44,7 @@ from polyko.config import config_hash, to_dict
 from polyko.data.clean import PII_KINDS, CleanConfig, clean_text
 from polyko.data.dedup import DedupConfig
 from polyko.data.io import SCHEMA, ReadConfig, list_splits, read_batch
+from polyko.data.shards import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class _Out:
         import fsspec
 
         self.fs, self.root = fsspec.core.url_to_fs(root)
-        self.remote = "://" in root and not root.startswith("file://")
+        self.remote = is_remote(root)
         self.uri = root.rstrip("/")
 
     def path(self, *parts: str) -> str:

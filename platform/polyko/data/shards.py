@@ -40,7 +40,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.bin"
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str | os.PathLike) -> bool:
+    """An object-store/fsspec URL (``s3://...``), as opposed to a local path or ``file://``."""
+    path = str(path)
     return "://" in path and not path.startswith("file://")
 
 
@@ -72,7 +74,7 @@ def write_manifest(out_dir: str | os.PathLike, shards: Sequence[dict[str, Any]],
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     path = str(path)
-    if _is_remote(path):
+    if is_remote(path):
         import fsspec
 
         with fsspec.open(path.rstrip("/") + "/" + MANIFEST, "r") as f:
@@ -120,7 +122,7 @@ class TokenShards:
     def _handle(self, shard: int):
         h = self._handles.get(shard)
         if h is None:
-            if _is_remote(self.path):
+            if is_remote(self.path):
                 import fsspec
 
                 h = fsspec.open(self.path.rstrip("/") + "/" + self._files[shard], "rb").open()

@@ -18,11 +18,11 @@ which the pre-tokenizer removes, exactly as in Polyglot-Ko.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from polyko.config import config_hash
 from polyko.tokenizer.morph import MARKER
 
 # Before the BPE vocabulary (ids 0..3), in this order.
@@ -111,5 +111,4 @@ def tokenizer_hash(tokenizer_dir: str | os.PathLike, length: int = 16) -> str:
     d = json.loads(f.read_text(encoding="utf-8"))
     d.pop("truncation", None)
     d.pop("padding", None)
-    blob = json.dumps(d, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+    return config_hash(d, length)  # canonical-JSON sha256: formatting-independent

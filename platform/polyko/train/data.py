@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polyko.data.shards import MANIFEST, TokenShards, read_manifest
+from polyko.data.shards import MANIFEST, TokenShards, is_remote, read_manifest
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -88,7 +88,7 @@ def worker_positions(step: int, rank: int, global_batch: int, world_size: int) -
 
 def resolve_tokens_dir(path: str) -> str:
     """``DIR`` or ``DIR/tokens``: whichever holds the manifest (the pipeline writes ``DIR/tokens``)."""
-    if "://" in path and not path.startswith("file://"):
+    if is_remote(path):
         return path
     p = Path(path.removeprefix("file://"))
     if not (p / MANIFEST).is_file() and (p / "tokens" / MANIFEST).is_file():
