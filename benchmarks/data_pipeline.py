@@ -1,27 +1,39 @@
-"""Data pipeline throughput and memory: prints ONE JSON line.
+"""Data pipeline throughput and memory at 1x / 10x / 50x of the shared corpus, on DISTINCT documents:
+prints ONE JSON line.
 
-    python benchmarks/data_pipeline.py                         # shared corpus, Polyglot-Ko tokenizer
-    python benchmarks/data_pipeline.py --max-files 4 --scales 1,10 --no-pack
+    python benchmarks/data_pipeline.py                          # scales 1,10; pack with Polyglot-Ko BPE
+    python benchmarks/data_pipeline.py --scales 1,10,50 --object-store-gb 2
+    python benchmarks/data_pipeline.py --scales 1 --no-pack --no-distributed   # quick look
 
-Figures (all measured in this process, same machine, same text):
-* ``pipeline_mb_s_per_core``: raw input MB (file bytes) / wall seconds of ``run_pipeline`` (read +
-  clean + dedup [+ pack]) / CPUs of the Ray cluster, at scale 1.
+Inputs. Scale N = the shared corpus (variant 0, the real text) plus N-1 variants in which every Hangul
+syllable and jamo is replaced through a seeded, frequency-preserving permutation (syllables ranked by
+corpus frequency, shuffled within windows of 16 ranks; digits, Latin letters, punctuation, spacing and
+document lengths untouched). A variant is a bijection of the text, so the corpus's own structure --
+which documents are exact copies, which are near copies (the news / North-Korean-orthography pairs,
+NSMC's repeated reviews) -- is reproduced exactly in every variant, while documents of different
+variants share no shingles (a 5-syllable shingle survives a 1-in-16 permutation with odds 16^-5).
+So dedup, write and packing see N x the documents, and the dedup counts the run reports
+(``dedup_per_1x``: removed exact/near per 1x of input) must stay flat across scales -- the check that
+the inputs are as redundant as the real corpus, no more (symlinked copies: 90 % exact duplicates at
+10x) and no less (random recombination: none). Inputs hold only ``id``/``text``/``source``, and the
+ids repeat across variants (as they do across real datasets): the pipeline keys documents itself.
+
+Figures (all measured in this process, on this machine, on the same text):
 * ``tokenizer_mb_s_per_core``: the baseline, HF ``tokenizers`` ``encode_batch`` (batches of 1024
-  documents) of the same documents' text on one thread (``TOKENIZERS_PARALLELISM=false``), MB of
-  UTF-8 text per wall second; ``tokenizer_cpu_mb_s_per_core`` the same per CPU second (what a quiet
-  core does; the Polyglot-Ko tokenizer is byte-level BPE, ~2 MB/s of Korean text per core here).
-  ``load_avg_1m``: the machine's load when the run started (other jobs deflate both wall figures).
-* ``text_ratio_by_scale``: the same ratio with the pipeline's MB counted as the documents' text bytes
-  (what the tokenizer encodes) instead of file bytes (which also hold JSON keys and metadata fields:
-  ~2.6x the text on the shared corpus's first files) -- the strict like-for-like figure.
-* ``ratio`` = pipeline / tokenizer at the first scale (``ratio_by_scale``: at every scale; fixed
-  per-stage scheduling costs weigh less on bigger inputs) (goal >= 0.5: the whole pipeline at least half as fast as bare
-  tokenization).
-* ``peak_rss_mb`` per scale: peak of the summed RSS of this process and all its descendants (Ray's
-  GCS, raylet, object store, workers), sampled every 0.25 s. ``scale`` N = the input files replicated
-  N times (symlinks); flat memory = ``rss_growth`` (peak at the largest scale / peak at scale 1) near 1.
-  RSS counts shared object-store pages in every process that maps them, so it over-states in absolute
-  terms; the ratio between scales is what matters.
+  documents) on one thread (``TOKENIZERS_PARALLELISM=false``) over variants 0 and 1 (real and permuted
+  text, equal weight): MB of UTF-8 text per wall second (``tokenizer_cpu_mb_s_per_core`` per CPU second).
+* ``text_mb_s_per_core`` per scale: the input's TEXT bytes (UTF-8 of the ``text`` field; not JSON file
+  bytes) / wall seconds of ``run_pipeline`` (read + clean + decontaminate-free + dedup [+ pack]) / CPUs of
+  the Ray cluster; ``ratio_by_scale`` = that / the tokenizer's (goal >= 0.5 at 10x and 50x).
+* ``peak_rss_mb`` per scale: peak summed RSS of this process and all its descendants (Ray's GCS,
+  raylet, object store, workers), sampled every 0.25 s; ``rss_ratio`` = largest scale / previous
+  scale (goal <= 1.3 for 50x / 10x). RSS counts shared object-store pages in every process that maps
+  them (over-states in absolute terms); ``--object-store-gb`` caps the store so it spills to disk.
+* ``distributed``: the same inputs with ``dedup.local_max_docs=0`` (every dedup step shuffled, what a
+  corpus above ``local_max_docs`` takes): seconds, RSS, ``dist_over_local`` (goal <= 2 at the largest
+  scale) and whether its output equals the default run's (``same_output``). Above 500k documents
+  (from 10x on here) the default already takes the distributed path.
+* ``load_avg_1m``: the machine's load when the run started (other jobs deflate every wall figure).
 """
 
 from __future__ import annotations
@@ -33,10 +45,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("POLYKO_SHARED_DATA", REPO.parent / "shared" / "data"))
+WINDOW = 16  # ranks per permutation window
 
 
 class PeakRSS:
@@ -74,38 +88,90 @@ class PeakRSS:
         self._t.join()
 
 
-def corpus_files(corpus: Path, max_files: int | None) -> list[Path]:
-    files = sorted(corpus.rglob("*.jsonl"))
-    return files[:max_files] if max_files else files
-
-
-def replicate(files: list[Path], corpus: Path, root: Path, n: int) -> Path:
-    """``root/x<n>/copy<i>/<relpath>`` symlinks: n copies of the input (different paths, same bytes)."""
-    out = root / f"x{n}"
-    for i in range(n):
-        for f in files:
-            dst = out / f"copy{i}" / f.relative_to(corpus)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(f)
+def load_corpus(corpus: Path, max_files: int | None) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(relative path, [(text, source)])] of the shared corpus's JSONL files."""
+    files = sorted(corpus.rglob("*.jsonl"))[: max_files or None]
+    out = []
+    for f in files:
+        rows = []
+        for line in open(f, encoding="utf-8"):
+            if line.strip():
+                r = json.loads(line)
+                rows.append((r["text"], r.get("source") or f.parent.name))
+        out.append((str(f.relative_to(corpus)), rows))
     return out
 
 
-def tokenizer_baseline(files: list[Path], tokenizer_dir: Path, batch: int = 1024) -> tuple[float, float, int]:
-    """(wall MB/s, CPU MB/s, text bytes) of one thread of HF tokenizers encode_batch over the documents' text.
-    ``TOKENIZERS_PARALLELISM=false`` keeps encode_batch on the calling thread (no rayon pool), so the
-    wall figure is per core; the CPU figure (thread CPU time) is what a core does when the machine is
-    not shared -- the wall figure is the one compared, as the pipeline is timed by the wall clock
-    under the same load."""
+def _is_korean(ch: str) -> bool:
+    o = ord(ch)
+    return 0xAC00 <= o <= 0xD7A3 or 0x3131 <= o <= 0x318E
+
+
+def variant_tables(corpus: list, n: int, seed: int = 0) -> list[dict[int, str] | None]:
+    """str.translate tables: variant 0 is the identity, variant j a frequency-preserving permutation
+    of the Hangul syllables and jamo (within windows of WINDOW frequency ranks)."""
+    import numpy as np
+
+    freq = Counter(ch for _, rows in corpus for t, _ in rows for ch in t if _is_korean(ch))
+    ranked = [ch for ch, _ in freq.most_common()]
+    tables: list[dict[int, str] | None] = [None]
+    for j in range(1, n):
+        rng = np.random.default_rng(seed * 1000 + j)
+        table = {}
+        for w in range(0, len(ranked), WINDOW):
+            win = ranked[w:w + WINDOW]
+            perm = rng.permutation(len(win))
+            if len(win) > 1:
+                while (perm == np.arange(len(win))).any():  # no syllable maps to itself
+                    perm = rng.permutation(len(win))
+            table.update({ord(a): win[p] for a, p in zip(win, perm)})
+        tables.append(table)
+    return tables
+
+
+def write_scale(corpus: list, tables: list, root: Path, n: int) -> tuple[Path, int]:
+    """``root/x<n>/v<j>/<relpath>`` for variants 0..n-1; returns (dir, text bytes)."""
+    out, nbytes = root / f"x{n}", 0
+    for j in range(n):
+        for rel, rows in corpus:
+            dst = out / f"v{j}" / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(dst, "w", encoding="utf-8") as f:
+                for i, (t, src) in enumerate(rows):
+                    t = t if tables[j] is None else t.translate(tables[j])
+                    nbytes += len(t.encode("utf-8"))
+                    f.write(json.dumps({"id": i, "text": t, "source": src}, ensure_ascii=False) + "\n")
+    return out, nbytes
+
+
+def tokenizer_baseline(corpus: list, tables: list, tokenizer_dir: Path, batch: int = 1024) -> tuple[float, float]:
+    """(wall MB/s, CPU MB/s) of one thread of HF tokenizers encode_batch over variants 0 and 1."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before the import: read when the pool starts
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    texts = [json.loads(line)["text"] for f in files for line in open(f, encoding="utf-8") if line.strip()]
+    texts = [t for _, rows in corpus for t, _ in rows]
+    if len(tables) > 1:
+        texts += [t.translate(tables[1]) for t in texts]
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     t0, c0 = time.perf_counter(), time.thread_time()
     for i in range(0, len(texts), batch):
         tok.encode_batch(texts[i:i + batch])
-    return nbytes / 1e6 / (time.perf_counter() - t0), nbytes / 1e6 / (time.thread_time() - c0), nbytes
+    return nbytes / 1e6 / (time.perf_counter() - t0), nbytes / 1e6 / (time.thread_time() - c0)
+
+
+def run_once(inp: Path, out: Path, tokdir: Path | None, local_max_docs: int | None) -> tuple[dict, float, int]:
+    from polyko.data.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig(output=str(out), inputs=(str(inp),), track=False,
+                         tokenizer=str(tokdir) if tokdir else None)
+    if local_max_docs is not None:
+        cfg.dedup.local_max_docs = local_max_docs
+    with PeakRSS() as mon:
+        t0 = time.perf_counter()
+        stats = run_pipeline(cfg)
+        secs = time.perf_counter() - t0
+    return stats, secs, mon.peak
 
 
 def main() -> None:
@@ -113,53 +179,70 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(SHARED / "corpus"))
     ap.add_argument("--tokenizer", default=str(SHARED / "reference" / "polyglot-ko-tokenizer"))
     ap.add_argument("--no-pack", action="store_true", help="clean + dedup only")
+    ap.add_argument("--no-distributed", action="store_true", help="skip the local_max_docs=0 runs")
     ap.add_argument("--max-files", type=int, default=None, help="use only the first N corpus files")
     ap.add_argument("--scales", default="1,10")
     ap.add_argument("--num-cpus", type=int, default=None, help="local cluster CPUs (default: all)")
+    ap.add_argument("--object-store-gb", type=float, default=2.0,
+                    help="object store size (spills to disk beyond it); 0 = Ray's default (30%% of RAM)")
+    ap.add_argument("--workdir", default=None, help="where the scaled inputs and outputs go (default: a temp dir)")
     args = ap.parse_args()
 
     import ray
 
     from polyko.cluster import init_ray
-    from polyko.data.pipeline import PipelineConfig, run_pipeline
 
-    corpus, tokdir = Path(args.corpus), Path(args.tokenizer)
-    files = corpus_files(corpus, args.max_files)
+    corpus_dir, tokdir = Path(args.corpus), Path(args.tokenizer)
     scales = [int(s) for s in args.scales.split(",")]
-    tok_mb_s, tok_cpu_mb_s, text_bytes = tokenizer_baseline(files, tokdir)
-    init_ray(num_cpus=args.num_cpus, include_dashboard=False)
+    corpus = load_corpus(corpus_dir, args.max_files)
+    tables = variant_tables(corpus, max(scales + [2]))
+    tok_mb_s, tok_cpu_mb_s = tokenizer_baseline(corpus, tables, tokdir)
+    kw = {"object_store_memory": int(args.object_store_gb * 2**30)} if args.object_store_gb else {}
+    load = os.getloadavg()[0]
+    init_ray(num_cpus=args.num_cpus, include_dashboard=False, **kw)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    result: dict = {"benchmark": "data_pipeline", "files": len(files), "cpus": cpus,
-                    "pack": not args.no_pack, "tokenizer_mb_s_per_core": round(tok_mb_s, 3),
-                    "tokenizer_cpu_mb_s_per_core": round(tok_cpu_mb_s, 3),
-                    "load_avg_1m": round(os.getloadavg()[0], 2),
-                    "peak_rss_mb": {}, "seconds": {}, "input_mb": {}}
-    with tempfile.TemporaryDirectory(prefix="polyko-bench-") as tmp:
+    res: dict = {"benchmark": "data_pipeline", "files": len(corpus), "cpus": cpus, "pack": not args.no_pack,
+                 "object_store_gb": args.object_store_gb, "tokenizer_mb_s_per_core": round(tok_mb_s, 3),
+                 "tokenizer_cpu_mb_s_per_core": round(tok_cpu_mb_s, 3), "load_avg_1m": round(load, 2),
+                 "text_mb": {}, "documents_in": {}, "seconds": {}, "text_mb_s_per_core": {}, "ratio_by_scale": {},
+                 "peak_rss_mb": {}, "dedup_per_1x": {}, "stage_seconds": {}}
+    dist: dict = {"seconds": {}, "peak_rss_mb": {}, "dist_over_local": {}, "same_output": {}}
+    with tempfile.TemporaryDirectory(prefix="polyko-bench-", dir=args.workdir) as tmp:
         for n in scales:
-            inp = replicate(files, corpus, Path(tmp), n)
-            cfg = PipelineConfig(output=str(Path(tmp) / f"out{n}"), inputs=(str(inp),), track=False,
-                                 tokenizer=None if args.no_pack else str(tokdir))
-            with PeakRSS() as mon:
-                t0 = time.perf_counter()
-                stats = run_pipeline(cfg)
-                secs = time.perf_counter() - t0
-            mb = stats["input_file_bytes"] / 1e6
-            result["peak_rss_mb"][f"x{n}"] = round(mon.peak / 2**20)
-            result["seconds"][f"x{n}"] = round(secs, 1)
-            result["input_mb"][f"x{n}"] = round(mb, 1)
-            result.setdefault("mb_s_per_core", {})[f"x{n}"] = round(mb / secs / cpus, 3)
-            result.setdefault("ratio_by_scale", {})[f"x{n}"] = round(mb / secs / cpus / tok_mb_s, 3)
-            # the same on the documents' text bytes only (the files also hold JSON keys and metadata)
-            result.setdefault("text_ratio_by_scale", {})[f"x{n}"] = round(
-                n * text_bytes / 1e6 / secs / cpus / tok_mb_s, 3)
-            result.setdefault("stage_seconds", {})[f"x{n}"] = stats["timings_s"]
-            print(f"scale x{n}: {mb:.1f} MB in {secs:.1f} s, peak RSS {mon.peak / 2**20:.0f} MB", file=sys.stderr)
-    base = f"x{scales[0]}"
-    result["pipeline_mb_s_per_core"] = result["mb_s_per_core"][base]
-    result["ratio"] = round(result["pipeline_mb_s_per_core"] / tok_mb_s, 3)
-    result["rss_growth"] = round(result["peak_rss_mb"][f"x{scales[-1]}"] / result["peak_rss_mb"][base], 3)
+            inp, text_bytes = write_scale(corpus, tables, Path(tmp), n)
+            key = f"x{n}"
+            stats, secs, peak = run_once(inp, Path(tmp) / f"out{n}", None if args.no_pack else tokdir, None)
+            mb = text_bytes / 1e6
+            res["text_mb"][key] = round(mb, 1)
+            res["documents_in"][key] = stats["documents_in"]
+            res["seconds"][key] = round(secs, 1)
+            res["text_mb_s_per_core"][key] = round(mb / secs / cpus, 3)
+            res["ratio_by_scale"][key] = round(mb / secs / cpus / tok_mb_s, 3)
+            res["peak_rss_mb"][key] = round(peak / 2**20)
+            res["dedup_per_1x"][key] = {k: round(v / n) for k, v in stats["duplicates_removed"].items()}
+            res["stage_seconds"][key] = stats["timings_s"]
+            print(f"x{n}: {mb:.0f} MB text in {secs:.0f} s, peak RSS {peak / 2**20:.0f} MB, "
+                  f"dedup {stats['duplicates_removed']}", file=sys.stderr, flush=True)
+            if not args.no_distributed:
+                dstats, dsecs, dpeak = run_once(inp, Path(tmp) / f"dist{n}", None, 0)
+                dist["seconds"][key] = round(dsecs, 1)
+                dist["peak_rss_mb"][key] = round(dpeak / 2**20)
+                # like for like: the default run without its pack stage
+                local_s = secs - stats["timings_s"].get("pack_s", 0.0)
+                dist["dist_over_local"][key] = round(dsecs / local_s, 3)
+                dist["same_output"][key] = (dstats["documents_out"] == stats["documents_out"]
+                                            and dstats["duplicates_removed"] == stats["duplicates_removed"])
+                print(f"x{n} distributed dedup: {dsecs:.0f} s, peak RSS {dpeak / 2**20:.0f} MB", file=sys.stderr,
+                      flush=True)
+            import shutil
+
+            shutil.rmtree(inp, ignore_errors=True)
+    if len(scales) > 1:
+        res["rss_ratio"] = round(res["peak_rss_mb"][f"x{scales[-1]}"] / res["peak_rss_mb"][f"x{scales[-2]}"], 3)
+    if not args.no_distributed:
+        res["distributed"] = dist
     ray.shutdown()
-    print(json.dumps(result), flush=True)
+    print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ the run down; what a child measured before it died is kept):
   compile    ``torch.compile`` of the best eager config(s) -> ``compile_speedup`` (eager vs compiled)
   flash2     best eager config with ``attn_implementation="flash_attention_2"`` (if importable)
   deepspeed  best eager config through a DeepSpeed engine, ZeRO-1, bf16, single rank
+  production the training job's own code: ``polyko.train.loop.train_loop`` (what every Ray Train worker
+             runs) in a one-process torch.distributed world (``LocalContext``): the model built in place
+             with GPT-NeoX init, DeepSpeed bf16 + ZeRO-1 + activation checkpointing, random tokens through
+             the packed-shard reader; then a resume from its own checkpoint (+2 steps) and an HF export
+             (``polyko.train.export.export_hf``, bf16) that is loaded back and scored
 
 Prints ONE JSON line: every config's tokens/s, TFLOP/s, MFU (and HFU = with the recomputed forward),
 peak memory and status, the best config, the baselines' ratios, device name and the peak used.
@@ -40,10 +45,10 @@ import sys
 import time
 
 MARK = "@@POLYKO_MFU "
-GROUPS = ("eager", "fp32", "compile", "flash2", "deepspeed")
+GROUPS = ("eager", "fp32", "compile", "flash2", "deepspeed", "production")
 # Seconds each group may take at most (the overall --budget-s cuts them further). Compile is the
 # slowest to start (inductor compiles a 24-layer graph: ~1-2 min on a 16-core host).
-GROUP_CAP_S = {"eager": 120, "fp32": 60, "compile": 160, "flash2": 60, "deepspeed": 80}
+GROUP_CAP_S = {"eager": 120, "fp32": 60, "compile": 160, "flash2": 60, "deepspeed": 80, "production": 330}
 GOAL_MFU = 0.45
 
 
@@ -83,6 +88,18 @@ def _worker(spec: dict) -> None:
     _emit(dict(kind="device", device=torch.cuda.get_device_name(0) if cuda else "cpu", gpu=gpu, peak_tflops=peak,
                memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
                torch=torch.__version__, cuda=torch.version.cuda))
+    if group == "production":
+        for cfg in spec["configs"]:
+            record = dict(group=group, precision="bf16 (DeepSpeed)" if cuda else "fp32 (DeepSpeed)", **cfg)
+            try:
+                record.update(_production(spec, cfg, cuda, peak))
+            except Exception as e:
+                import traceback
+
+                traceback.print_exc()
+                record["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            _emit(record)
+        return
     fp32 = group == "fp32"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 baseline is real fp32
@@ -243,6 +260,122 @@ def _deepspeed_engine(spec, config, device, attn, ckpt, mb, build):
     return dict(engine=engine, model=model, fused=fused)
 
 
+def _write_inputs(work, vocab: int, seq_len: int, sequences: int):
+    """A packed-token dataset of random ids and a word-level tokenizer of ``vocab`` ids with the
+    Polyglot-Ko special ids (no downloads: the GPU machine has no network)."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from polyko.data.shards import token_dtype, write_manifest, write_shard
+    from polyko.model import ENDOFTEXT_ID, PAD_ID
+
+    tok_dir, data_dir = work / "tokenizer", work / "tokens"
+    tok_dir.mkdir(parents=True)
+    data_dir.mkdir(parents=True)
+    names = {PAD_ID: "<pad>", 1: "<eos>", ENDOFTEXT_ID: "<|endoftext|>", 3: "<sep>"}
+    tok = Tokenizer(models.WordLevel({names.get(i, f"t{i}"): i for i in range(vocab)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "<|endoftext|>"}))
+    arr = np.random.default_rng(0).integers(4, vocab, size=(sequences, seq_len)).astype(token_dtype(vocab))
+    write_manifest(data_dir, [write_shard(data_dir, 0, arr)], seq_len=seq_len, dtype=arr.dtype,
+                   vocab_size=vocab, max_token_id=int(arr.max()))
+    return data_dir, tok_dir
+
+
+def _production(spec: dict, cfg: dict, cuda: bool, peak) -> dict:
+    """Train ``steps + warmup`` steps with the production loop, checkpoint, resume for 2 more, export."""
+    import gc
+    import statistics
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from polyko.config import to_dict
+    from polyko.train import checkpoint as ckpt_io
+    from polyko.train.config import (BatchConfig, CheckpointConfig, DataConfig, DeepSpeedConfig, FaultConfig,
+                                     ModelConfig, OptimConfig, PretrainConfig, ScalingConfig)
+    from polyko.train.export import export_hf
+    from polyko.train.loop import LocalContext, train_loop
+    from polyko.train.metrics import read_jsonl
+
+    mb, seq_len = cfg["micro_batch"], spec["seq_len"]
+    steps = spec["warmup"] + spec["steps"]
+    work = Path(tempfile.mkdtemp(prefix="polyko-gpu-check-", dir=spec.get("work_dir")))
+    data_dir, tok_dir = _write_inputs(work, 30003, seq_len, (steps + 3) * mb)  # 30,003: Polyglot-Ko's vocabulary
+    run_dir = work / "run"
+    pc = PretrainConfig(
+        model=ModelConfig(size=spec["size"], activation_checkpointing=cfg["ckpt"]),
+        data=DataConfig(path=str(data_dir), tokenizer=str(tok_dir)),
+        optim=OptimConfig(lr=1e-4, warmup_steps=1),
+        batch=BatchConfig(global_batch_tokens=mb * seq_len, micro_batch=mb),
+        deepspeed=DeepSpeedConfig(zero_stage=cfg.get("zero_stage", 1), precision="bf16" if cuda else "fp32"),
+        checkpoint=CheckpointConfig(every_steps=steps, keep=1),
+        fault=FaultConfig(max_failures=0, hang_timeout_s=600),
+        scaling=ScalingConfig(num_workers=1, use_gpu=cuda, cpus_per_worker=1 if cuda else min(4, os.cpu_count() or 1)),
+        steps=steps, output=str(run_dir), export=False)
+
+    def train(c: PretrainConfig) -> float:
+        t0 = time.perf_counter()
+        train_loop({"config": to_dict(c.resolved()), "output": str(run_dir), "run_name": "gpu-check"},
+                   LocalContext(run_dir, keep=1))
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    _log(f"production: training {steps} steps of {spec['size']}, micro-batch {mb}")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    wall = train(pc)
+    hist = read_jsonl(run_dir / "metrics.jsonl")
+    timed = [hist[s] for s in range(spec["warmup"] + 1, steps + 1)]
+    med = statistics.median(r["step_seconds"] for r in timed)
+    tflops_med = statistics.median(r["tflops"] for r in timed)
+    out = dict(status="ok", step_s=_sig(med), first_step_s=_sig(hist[1]["step_seconds"]),
+               tokens_per_s=_sig(mb * seq_len / med, 6), tflops=_sig(tflops_med),
+               loss=round(hist[steps]["loss"], 3), train_wall_s=round(wall, 1),
+               setup_and_checkpoint_s=round(wall - sum(hist[s]["step_seconds"] for s in hist), 1))
+    if peak:
+        out["mfu"] = round(tflops_med / peak, 4)
+    if cuda:
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.empty_cache()
+
+    _log("production: resume from its own checkpoint, 2 more steps")
+    wall = train(replace(pc, steps=steps + 2))
+    hist = read_jsonl(run_dir / "metrics.jsonl")
+    if sorted(hist) != list(range(1, steps + 3)):
+        raise RuntimeError(f"resume logged steps {sorted(hist)}, expected 1..{steps + 2}")
+    step_dir = ckpt_io.list_checkpoints(run_dir / "checkpoints")[0]
+    meta = ckpt_io.validate(step_dir)
+    out.update(resume_wall_s=round(wall, 1), resumed_steps=[steps + 1, steps + 2], resumed_loss=round(hist[steps + 2]["loss"], 3),
+               checkpoint_gib=round(sum(meta["files"].values()) / 2**30, 2), checkpoint_step=meta["step"])
+
+    _log("production: export to Hugging Face format (bf16) and score it")
+    t0 = time.perf_counter()
+    hf_dir = export_hf(step_dir, work / "hf", tok_dir, dtype="bf16", link_run=False)
+    out["export_s"] = round(time.perf_counter() - t0, 1)
+    from transformers import AutoModelForCausalLM
+
+    from polyko.data.shards import TokenShards
+
+    device = torch.device("cuda" if cuda else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    x = torch.from_numpy(TokenShards(data_dir).batch(list(range(min(mb, 4))))).long().to(device)
+    with torch.no_grad():
+        out["export_loss"] = round(float(model(input_ids=x, labels=x).loss), 3)
+    out["export_gib"] = round(sum(f.stat().st_size for f in hf_dir.iterdir()) / 2**30, 2)
+    del model
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # ~16 B/param of checkpoint: do not leave it on the machine
+    return out
+
+
 # ----------------------------------------------------------------------------------------- orchestrator
 
 
@@ -307,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         from polyko.plan import flops_per_token
 
         if a.dry_run:
-            a.size, a.seq_len, a.steps, a.warmup, a.micro_batches = "tiny", 128, 3, 1, "1,2"
+            a.size, a.seq_len, a.steps, a.warmup, a.micro_batches = "tiny", 128, 3, 1, "2"
         # No CUDA call here: a context in this process would hold ~0.5 GiB of the GPU the children measure.
         cuda = torch.cuda.is_available() and a.device != "cpu"
         if not cuda and not a.dry_run and a.device != "cpu":
@@ -371,9 +504,15 @@ def main(argv: list[str] | None = None) -> int:
                 run("flash2", [dict(**pick, attn="flash_attention_2")])
         if "deepspeed" in groups:
             run("deepspeed", [dict(**pick, attn="sdpa")])
+        if "production" in groups:
+            # The job's own loop: ZeRO-1 bf16 with activation checkpointing (what the plan picks for 1.3b on one
+            # 80+ GB GPU), at the best eager micro-batch with checkpointing, or the first of the sweep.
+            ck = _best([r for r in records if r["group"] == "eager" and r.get("ckpt")])
+            run("production", [dict(micro_batch=(ck or {}).get("micro_batch", mbs[0]), ckpt=True, attn="sdpa",
+                                    zero_stage=1)])
 
         result["configs"] = records
-        best = _best([r for r in records if r["group"] != "fp32"])
+        best = _best([r for r in records if r["group"] not in ("fp32", "production")])
         result["best"] = best
         fp32 = _best([r for r in records if r["group"] == "fp32"])
         result["baseline_fp32"] = fp32
@@ -386,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         comp = _best([r for r in records if r["group"] == "compile"])
         if comp and eager_best:
             result["compile_speedup"] = round(comp["tokens_per_s"] / eager_best["tokens_per_s"], 3)
+        prod = _best([r for r in records if r["group"] == "production"])
+        if prod:
+            same = _best([r for r in records if r["group"] == "eager" and r.get("ckpt")
+                          and r.get("micro_batch") == prod["micro_batch"]])
+            result["production"] = prod
+            if same:  # the job's loop against a bare PyTorch loop of the same shape
+                result["production_vs_eager"] = round(prod["tokens_per_s"] / same["tokens_per_s"], 3)
         ds = _best([r for r in records if r["group"] == "deepspeed"])
         if ds and eager_best:
             result["deepspeed_vs_eager"] = round(ds["tokens_per_s"] / eager_best["tokens_per_s"], 3)
@@ -396,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         result["error"] = f"{type(e).__name__}: {e}"
     result["wall_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(result), flush=True)
-    return 0 if "error" not in result and result.get("best") else 1
+    ok = "error" not in result and (result.get("best") or result.get("production"))
+    prod_ok = all(r.get("status") == "ok" for r in result.get("configs") or [] if r.get("group") == "production")
+    return 0 if ok and prod_ok else 1
 
 
 if __name__ == "__main__":

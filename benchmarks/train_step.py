@@ -44,7 +44,7 @@ def make_tokens(out: Path, tokenizer_dir: Path, seq_len: int, n: int = 512) -> P
 def plain_loop(size: str, tokens: Path, tokenizer_dir: Path, shape: dict, steps: int, threads: int) -> list[float]:
     import torch
 
-    from polyko.model import PRESETS, build_config, build_model, padded_vocab
+    from polyko.model import PRESETS, build_config, build_model, padded_vocab, param_groups
     from polyko.train.data import GlobalSampler, tokenizer_size
     from polyko.data.shards import TokenShards
 
@@ -53,7 +53,7 @@ def plain_loop(size: str, tokens: Path, tokenizer_dir: Path, shape: dict, steps:
     cfg = build_config(size, vocab_size=padded_vocab(tokenizer_size(str(tokenizer_dir))),
                        max_position_embeddings=max(shape["seq_len"], PRESETS[size].max_position_embeddings))
     model = build_model(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))  # the same recipe as the job
     data = TokenShards(tokens)
     sampler = GlobalSampler(len(data), seed=0)
     g, m = shape["global_batch"], shape["micro"]

@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF checkpoint dir, models:/name@alias, runs:/id/path or http://host:port/v1")
     p.add_argument("--tasks", default="kobest", help="kobest (all five) or a comma list: boolq,copa,hellaswag,sentineg,wic")
-    p.add_argument("--shots", default="0,5,10,50", help="comma list of few-shot counts (the card reports 1,5,10,50,100)")
+    p.add_argument("--shots", default="0,5,10,50", help="comma list of few-shot counts (the cards report 0,5,10,50)")
     p.add_argument("--limit", type=int, default=0, help="docs per task for quick runs (0 = full test sets)")
     p.add_argument("--kobest-dir", default="", help="local KoBEST <task>/<split>.jsonl (default $POLYKO_KOBEST_DIR, else the HF hub)")
     p.add_argument("--output", default="", help="output dir (default <work dir>/eval/<config hash>)")
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--alias", default="", help="alias for the registered version (candidate, production)")
     p.add_argument("--log-samples", action="store_true", help="also write every request's log-likelihoods")
     p.add_argument("--run-name", default="")
+    p.add_argument("--compare-to", default="", help="published reference: 1.3b, 3.8b, 5.8b, 12.8b or a model name "
+                                                    "(default: the Polyglot-Ko size nearest the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any EvalConfig field")
     a = p.parse_args(argv)
     try:
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
             model=a.model, tasks=a.tasks.split(","), shots=[int(s) for s in a.shots.split(",") if s.strip()],
             limit=a.limit, kobest_dir=a.kobest_dir, output=a.output, batch_size=a.batch_size, device=a.device,
             dtype=a.dtype, log_samples=a.log_samples, register_name=a.register, register_alias=a.alias,
-            run_name=a.run_name,
+            run_name=a.run_name, compare_to=a.compare_to,
             endpoint=EndpointConfig(model_name=a.served_model, tokenizer=a.tokenizer, num_concurrent=a.num_concurrent))
         cfg = apply_overrides(cfg, a.set)
         res = evaluate(cfg)

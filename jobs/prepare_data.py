@@ -2,10 +2,11 @@
 
     python jobs/prepare_data.py --output work/data                          # bundled sample corpus
     python jobs/prepare_data.py --input /data/corpus --input s3://bucket/crawl/ --output work/data \\
-        --tokenizer work/tokenizer --seq-len 2048 --set dedup.threshold=0.8 --set read.max_doc_bytes=8388608
+        --tokenizer work/tokenizer --seq-len 2048 --set dedup.threshold=0.8 --set read.max_doc_bytes=8388608 \
+        --decontaminate /data/kobest                  # drop documents overlapping KoBEST test/validation items
 
-Writes DIR/cleaned (Parquet id/text/source), DIR/rejected (bad input, raw bytes), DIR/stats.json and,
-with --tokenizer, DIR/tokens. Rerunning a finished config does nothing; see polyko.data.pipeline.
+Writes DIR/cleaned (Parquet key/id/text/source), DIR/rejected (bad input, raw bytes), DIR/contaminated
+(documents overlapping a benchmark item, the item named), DIR/stats.json and, with --tokenizer, DIR/tokens. Rerunning a finished config does nothing; see polyko.data.pipeline.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
+    p.add_argument("--decontaminate", action="append", default=[], metavar="DIR",
+                   help="benchmark files or directory (e.g. KoBEST's <task>/<split>.jsonl): remove training "
+                   "documents overlapping its test/validation items (repeatable; --set decontam.mode=flag "
+                   "only lists them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. dedup.threshold=0.8 (repeatable)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: private local one)")
@@ -36,10 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = PipelineConfig(output=args.output, inputs=tuple(args.input), tokenizer=args.tokenizer,
                          seq_len=args.seq_len, ray_address=args.ray_address, run_name=args.run_name)
     cfg.read.text_field, cfg.read.id_field = args.text_field, args.id_field
+    cfg.decontam.benchmarks = tuple(args.decontaminate)
     cfg = apply_overrides(cfg, args.set)
     stats = run_pipeline(cfg)
     summary = {k: stats[k] for k in ("documents_in", "documents_out", "bytes_in", "bytes_out", "bad_records",
-                                     "duplicates_removed", "pii_masked") if k in stats}
+                                     "duplicates_removed", "contaminated", "pii_masked") if k in stats}
     print(json.dumps(summary, ensure_ascii=False))
     return stats
 

@@ -188,6 +188,18 @@ def test_rayjob_runs_pretrain_on_the_raycluster_with_real_flags():
     gpu_capacity = max(g["maxReplicas"] * 8 for g in rc["spec"]["workerGroupSpecs"]
                        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"])
     assert 0 < lo <= hi <= gpu_capacity
+    # Works as typed: the inputs come from POLYKO_DATA and the token manifest; the GPU kind is one a GPU group
+    # declares (pods autoscale from zero, so the job names it), and the plan fits at the SMALLEST count.
+    from polyko.train.trainer import RAY_ACCELERATOR, plan_gpu
+
+    assert "--data" not in argv and "--tokenizer" not in argv
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["POLYKO_DATA"].startswith("/mnt/polyko/")
+    gpu = plan_gpu(argv[argv.index("--gpu") + 1])
+    declared = {k for g in rc["spec"]["workerGroupSpecs"] if "resources" in g["rayStartParams"]
+                for k in json.loads(json.loads(g["rayStartParams"]["resources"]))}
+    assert f"accelerator_type:{RAY_ACCELERATOR[gpu]}" in declared
+    assert make_plan("12.8b", gpus=lo, gpu=gpu, stages=(1, 2, 3)).fits
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     # --steps is the paper's token budget at the paper's batch, as the planner computes it.
     steps = int(argv[argv.index("--steps") + 1])
     assert steps == make_plan("12.8b", gpus=hi, gpu="a100-80gb").steps

@@ -14,6 +14,7 @@ import pytest
 
 from polyko.eval import KOBEST_TASKS, EndpointConfig, EvalConfig, evaluate
 from polyko.eval import kobest as kobest_mod
+from polyko.eval import table as table_mod
 from polyko.eval.table import load_published
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,21 @@ def test_zero_shot_outputs_and_mlflow(zero_shot, tiny_hf_checkpoint):
     md = (out / "table.md").read_text()
     assert "| sentineg |" in md and "| average |" in md and f"--limit {LIMIT}" in md
     assert f"{res['metrics']['kobest_copa/f1/0shot']:.4f}" in md
+    # Published columns at the same shot count: a tiny model is compared with polyglot-ko-1.3b (nearest size)
+    # and shown next to every published model; the delta is ours - 1.3b.
+    assert res["reference"] == "EleutherAI/polyglot-ko-1.3b"
+    head = next(line for line in md.splitlines() if line.startswith("| task | shots |"))
+    for m in ("polyglot-ko-1.3b (1.3B)", "polyglot-ko-3.8b (3.8B)", "polyglot-ko-5.8b (5.8B)",
+              "polyglot-ko-12.8b (12.8B)", "kogpt (6.0B)", "xglm-7.5B (7.5B)", "Δ vs polyglot-ko-1.3b"):
+        assert m in head, (m, head)
+    pub = load_published()["models"]
+    for t in KOBEST_TASKS:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {t.removeprefix('kobest_')} | 0 |"))
+        ours = res["metrics"][f"{t}/f1/0shot"]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == f"{ours:.4f}"
+        assert cells[3] == f"{ours - pub['EleutherAI/polyglot-ko-1.3b']['f1']['0'][t]:+.4f}"
+        assert cells[4:] == [f"{pub[m]['f1']['0'][t]:.4f}" for m in table_mod.PUBLISHED_ORDER]
 
     client = MlflowClient()
     run = client.get_run(res["run_id"])
@@ -70,6 +86,10 @@ def test_zero_shot_outputs_and_mlflow(zero_shot, tiny_hf_checkpoint):
         assert run.data.metrics[f"{t}/f1/0shot"] == pytest.approx(res["metrics"][f"{t}/f1/0shot"])
         assert f"{t}/acc/0shot" in run.data.metrics
     assert not any("," in k for k in run.data.metrics)
+    assert run.data.tags["polyko.eval.reference"] == "EleutherAI/polyglot-ko-1.3b"
+    assert run.data.metrics["published/kobest_copa/f1/0shot"] == 0.7196
+    assert run.data.metrics["kobest/f1_avg_vs_ref/0shot"] == pytest.approx(
+        res["metrics"]["kobest/f1_avg/0shot"] - sum(pub["EleutherAI/polyglot-ko-1.3b"]["f1"]["0"].values()) / 5)
     assert run.data.tags["polyko.checkpoint"] == str(tiny_hf_checkpoint)
     assert run.data.params["limit"] == str(LIMIT)
     arts = {a.path for a in client.list_artifacts(res["run_id"])}
@@ -104,7 +124,7 @@ def test_few_shot_published_table_and_register(few_shot, tiny_hf_checkpoint):
     assert len(rows) == LIMIT
     ctx = rows[0]["arguments"][0][0]  # [context, continuation] of the first choice
     assert ctx.count("\n\n") == 1 and re.search(r"(왜냐하면|그래서)", ctx.split("\n\n")[0])
-    # The table puts the card's 1-shot COPA numbers next to ours.
+    # 1 shot is only in the superseded 2022 card: the table puts its 1-shot COPA numbers next to ours.
     md = (out / "table.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| copa | 1 |"))
     assert f"{res['metrics']['kobest_copa/f1/1shot']:.4f}" in row
@@ -129,11 +149,14 @@ def test_compare_shows_differing_params(zero_shot, few_shot):
                         "--metric", "kobest/f1_avg/*"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "kobest/f1_avg/0shot" in p.stdout and "MLflow UI" in p.stdout
+    # Published rows close the table: polyglot-ko-12.8b's 0-shot COPA next to the runs' own.
+    row = next(line for line in text.splitlines() if "| EleutherAI/polyglot-ko-12.8b |" in line)
+    assert row.startswith("| published |") and "0.7937" in row
 
 
-def test_published_numbers_are_the_cards(shared_data):
-    """published_kobest.json == the model card's tables (re-parsed here independently)."""
-    pub = load_published()
+def test_superseded_card_numbers_are_the_cards(shared_data):
+    """The superseded 2022 card kept in published_kobest.json == that card's tables (re-parsed here)."""
+    pub = load_published()["superseded_2022_card"]
     card = (shared_data / "reference" / "polyglot-ko-1.3b.model_card.md").read_text(encoding="utf-8")
     import hashlib
 
@@ -148,7 +171,53 @@ def test_published_numbers_are_the_cards(shared_data):
             assert [got[k] for k in order] == [float(v) for v in cells[2:]]
             n += 1
     assert n == 15  # 5 shot counts x 3 models
-    assert "EleutherAI/polyglot-ko-3.8b" not in pub["models"]  # not in the source: not invented
+    assert "EleutherAI/polyglot-ko-3.8b" not in pub["models"]  # not in that source: not invented
+
+
+def test_published_numbers_equal_the_reference_file(shared_data):
+    """Every published number (4 Polyglot-Ko sizes + 3 baselines, 5 tasks, 0/5/10/50 shots) equals the
+    transcribed reference file, which is the file whose sha256 is recorded; sources and notes kept."""
+    import hashlib
+
+    from polyko.eval.table import PUBLISHED_ORDER, published_f1
+
+    raw = (shared_data / "reference" / "polyglot-ko-kobest-published.json").read_bytes()
+    pub = load_published()
+    assert hashlib.sha256(raw).hexdigest() == pub["transcribed_from"]["sha256"]
+    ref = json.loads(raw)
+    assert pub["sources"] == ref["sources"] and pub["notes"] == ref["notes"]
+    n = 0
+    for task, by_model in ref["results"].items():
+        for model, row in by_model.items():
+            for s in ("0", "5", "10", "50"):
+                assert pub["models"][model]["f1"][s][task] == row[s], (model, task, s)
+                assert published_f1(model, task, int(s)) == row[s]
+                n += 1
+            assert pub["models"][model]["source"][task] == row["source"]
+    assert n == 140 and set(pub["models"]) == set(PUBLISHED_ORDER)
+    ids = {src["id"] for src in pub["sources"]}
+    assert all(src in ids for m in pub["models"].values() for src in m["source"].values())
+    # 'average' is derived (the cards have none): the mean of the five task F1s.
+    assert published_f1("EleutherAI/polyglot-ko-1.3b", "average", 0) == pytest.approx(
+        sum(ref["results"][t]["EleutherAI/polyglot-ko-1.3b"]["0"] for t in KOBEST_TASKS) / 5)
+
+
+def test_reference_model_and_comparison_metrics():
+    from polyko.eval.table import comparison_metrics, reference_model
+    from polyko.model import RELEASED_PARAMS
+
+    for size, n in RELEASED_PARAMS.items():
+        assert reference_model(n) == f"EleutherAI/polyglot-ko-{size}"
+    assert reference_model(4_000_000) == reference_model(None) == "EleutherAI/polyglot-ko-1.3b"
+    assert reference_model(10**12, "3.8b") == "EleutherAI/polyglot-ko-3.8b"
+    assert reference_model(None, "kakaobrain/kogpt") == "kakaobrain/kogpt"
+    with pytest.raises(ValueError, match="no published numbers"):
+        reference_model(None, "2.7b")
+    with pytest.raises(ValueError, match="compare_to"):
+        EvalConfig(model="x", compare_to="gpt2")
+    got = comparison_metrics({"kobest_copa/f1/5shot": 0.7, "kobest_copa/acc/5shot": 0.7,
+                              "kobest_copa/f1/1shot": 0.7}, "EleutherAI/polyglot-ko-12.8b")
+    assert got == {"published/kobest_copa/f1/5shot": 0.8108, "kobest_copa/f1_vs_ref/5shot": pytest.approx(0.7 - 0.8108)}
 
 
 def test_bad_inputs_fail_clearly(tmp_path, kobest_dir, monkeypatch, tiny_hf_checkpoint):

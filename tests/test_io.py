@@ -87,3 +87,21 @@ def test_missing_input_is_a_clear_error(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unsupported file type"):
         list_splits([str(tmp_path / "x.csv")])
+
+
+def test_keys_unique_across_inputs_with_colliding_ids(tmp_path):
+    """Same file name, same ids in two input directories: the reader's keys still differ; a lone
+    surrogate escaped in JSON is quarantined as invalid_utf8, not passed on to crash a later stage."""
+    for root in ("a", "b"):
+        d = tmp_path / root / "corpus"
+        d.mkdir(parents=True)
+        (d / "part.jsonl").write_text('{"id": 1, "text": "첫 번째 문서입니다"}\n{"id": 2, "text": "두 번째 문서입니다"}\n'
+                                      '{"id": 3, "text": "깨진 \\ud800 문서"}\n', encoding="utf-8")
+    cfg = ReadConfig(min_hangul_ratio=0)
+    splits = list_splits([str(tmp_path / "a"), str(tmp_path / "b")], cfg.split_bytes)
+    assert [s["file"] for s in splits] == ["corpus/part.jsonl"] * 2 and [s["file_index"] for s in splits] == [0, 1]
+    rows = _read_all(splits, cfg)
+    good = [r for r in rows if r["bad"] is None]
+    assert [r["id"] for r in good] == ["1", "2", "1", "2"]
+    assert len({r["key"] for r in rows}) == len(rows) == 6
+    assert [r["bad"] for r in rows if r["bad"]] == ["invalid_utf8", "invalid_utf8"]

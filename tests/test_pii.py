@@ -22,6 +22,8 @@ def _rrn_with_check(first12: str) -> str:
 
 VALID_RRN_NOSEP = _rrn_with_check("900101123456")
 INVALID_RRN_NOSEP = VALID_RRN_NOSEP[:-1] + str((int(VALID_RRN_NOSEP[-1]) + 1) % 10)
+# Issued since Oct 2020: birth date + sex digit + 6 random digits, so the check digit is usually wrong.
+NEW_RRN = _rrn_with_check("210315473829")[:-1] + str((int(_rrn_with_check("210315473829")[-1]) + 3) % 10)
 
 # (sentence, the PII substring, kind) -- every PII string here is invented.
 POSITIVE = [
@@ -61,6 +63,18 @@ POSITIVE = [
     ("국민은행 12345678901234로 송금", "12345678901234", "acc"),
     ("토스뱅크 1000-1234-5678", "1000-1234-5678", "acc"),
     ("카드번호 1234-5678-9012-3456 유출", "1234-5678-9012-3456", "acc"),
+    # space-separated groups after a bank name (people type them so)
+    ("신한은행 110 123 456789 로 입금", "110 123 456789", "acc"),
+    ("우리은행 1002 123 456789 예금주 김철수", "1002 123 456789", "acc"),
+    ("입금계좌 농협 301 1234 1234 11", "301 1234 1234 11", "acc"),
+    # an everyday-word bank name counts when the number follows it directly
+    ("우리 1002123456789로 입금", "1002123456789", "acc"),
+    ("하나은행 12345678901234 (홍길동)", "12345678901234", "acc"),
+    # RRNs issued since Oct 2020 (no valid check digit) where they are labelled
+    (f"주민등록번호 {NEW_RRN} 입력", NEW_RRN, "rrn"),
+    (f"주민번호:{NEW_RRN}", NEW_RRN, "rrn"),
+    (f"외국인등록번호 {NEW_RRN[:6]}{'5'}{NEW_RRN[7:]} 확인", f"{NEW_RRN[:6]}5{NEW_RRN[7:]}", "rrn"),
+    ("신생아 주민등록번호 210315-4738291 발급", "210315-4738291", "rrn"),
     ("메일은 hong.gildong@example.com 입니다", "hong.gildong@example.com", "email"),
     ("자막 있으신 분 review_fan+kr@example.co.kr로 보내주세요", "review_fan+kr@example.co.kr", "email"),
     ("부탁드립니다abc123@example.net감사합니다", "abc123@example.net", "email"),
@@ -102,6 +116,21 @@ NEGATIVE = [
     f"체크 숫자가 틀린 {INVALID_RRN_NOSEP} 은 주민번호가 아니다",
     "990231-1234567 은 2월 31일이라 주민번호가 아니다",
     "전화 010 해도 돼",
+    # everyday words that are also bank names, followed (not directly) by a long number
+    "주문번호 우리 집 12345678901 배송 조회",
+    "하나 더 주문했어요 주문번호 12345678901",
+    "국민 여러분 접수번호 123456789012 로 조회하세요",
+    "기업 고객 전용 송장번호 12345678901234",
+    "대구 매장 재고 코드 12345678901",
+    "하나 12345678901개의 별이 있다",
+    "은행 잔고 12345678901원",
+    # company registration numbers (public, not personal) in site footers
+    "상호 (주)폴리코 | 대표 홍길동 | 법인등록번호 110111-1234567 | 사업자등록번호 123-45-67890",
+    "법인번호: 1101111234567",
+    "법인 등록번호 134511-0012345",
+    # a new-style 13-digit number without an RRN label stays (barcodes, order numbers)
+    f"상품 바코드 {NEW_RRN} 재고 있음",
+    f"주문번호 {NEW_RRN}",
 ]
 
 
@@ -142,6 +171,27 @@ def test_kinds_can_be_switched_off():
     assert counts == {"rrn": 1, "acc": 1}
     out, counts = mask_pii(text, PIIConfig(acc=False, tel=False, rrn=False, email=False))
     assert out == text and counts == {}
+
+
+def test_new_rrn_needs_its_label_and_company_number_is_not_rrn():
+    """Both directions for the post-2020 RRN rule and the company registration number rule."""
+    assert _rrn_with_check(NEW_RRN[:12]) != NEW_RRN  # really fails the check digit
+    assert mask_pii(f"주민등록번호 {NEW_RRN}", PIIConfig())[1] == {"rrn": 1}
+    assert mask_pii(f"코드 {NEW_RRN}", PIIConfig())[1] == {}
+    # the same digits with a separator are an RRN (date check), unless labelled as a company number
+    dashed = f"{NEW_RRN[:6]}-{NEW_RRN[6:]}"
+    assert mask_pii(f"번호 {dashed}", PIIConfig())[1] == {"rrn": 1}
+    assert mask_pii(f"법인등록번호 {dashed}", PIIConfig())[1] == {}
+    # a labelled person's number next to a company number in one footer
+    out, counts = mask_pii(f"법인등록번호 110111-1234567, 대표자 주민번호 {dashed}", PIIConfig())
+    assert out == "법인등록번호 110111-1234567, 대표자 주민번호 <|rrn|>" and counts == {"rrn": 1}
+
+
+def test_account_keyword_masks_only_the_account_digits():
+    out, counts = mask_pii("신한은행 110 123 456789 2023년 개설", PIIConfig())
+    assert out == "신한은행 <|acc|> 2023년 개설" and counts == {"acc": 1}
+    out, _ = mask_pii("주문번호 우리 집 12345678901 배송 조회", PIIConfig())
+    assert out == "주문번호 우리 집 12345678901 배송 조회"
 
 
 def test_rrn_checksum_switch():

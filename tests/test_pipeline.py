@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_helpers import RULE_DOCS, write_bad_inputs, write_real_slice, write_rule_docs
+from pipeline_helpers import RULE_DOCS, korean_docs, write_bad_inputs, write_real_slice, write_rule_docs
 from polyko.data.clean import FILTER_RULES, CleanConfig, clean_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,7 @@ def test_outputs_and_totals(finished, inputs):
     # every input line became exactly one record: kept, filtered or bad
     for s in per.values():
         assert s["documents_in"] == s["kept_after_clean"] + sum(s["filtered"].values()) + sum(s["bad"].values())
+        assert s["contaminated"] == {}  # no --decontaminate in this run
         assert s["documents_out"] == s["kept_after_clean"] - sum(s["duplicates"].values())
     assert per["nsmc_raw"]["documents_in"] == inputs["counts"]["nsmc"]
     assert stats["timings_s"]["total_s"] > 0
@@ -186,3 +187,34 @@ def test_resume_after_crash_skips_finished_stage(finished, inputs, tmp_path, cap
     assert "clean stage" in caplog.text and "skipped" in caplog.text
     assert sorted(r["id"] for r in _cleaned(copy)) == ref
     assert again["documents_out"] == stats["documents_out"]
+
+
+def test_colliding_ids_across_inputs_both_survive(tmp_path, corpus_dir, ray_local):
+    """Two inputs in different directories, same file name, ids 1..N in both (every public dataset
+    numbers from 0 or 1): the run completes, both documents of each id survive, only the one real
+    duplicate (same text in both files) is removed, and a record the cleaner cannot take (a lone
+    surrogate escaped in JSON) is quarantined, not fatal."""
+    docs = korean_docs(corpus_dir, 80)
+    a, b = docs[:40], docs[40:80]
+    b[4] = a[4]  # id 5: the same text in both inputs -> one exact duplicate
+    for root, texts in (("one", a), ("two", b)):
+        d = tmp_path / root / "corpus"
+        d.mkdir(parents=True)
+        lines = [json.dumps({"id": i + 1, "text": t}, ensure_ascii=False) for i, t in enumerate(texts)]
+        if root == "two":
+            lines.append('{"id": 41, "text": "깨진 문자 \\ud800 가 들어 있는 문서입니다 정말로요"}')
+        (d / "part.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    stats = _job().main(["--input", str(tmp_path / "one"), "--input", str(tmp_path / "two"), "--output", str(out),
+                         "--set", "track=false"])
+    rows = _cleaned(out)
+    assert stats["documents_out"] == len(rows) == 79
+    assert stats["duplicates_removed"] == {"exact": 1, "near": 0}
+    assert stats["bad_records"] == {"invalid_utf8": 1}
+    by_id: dict = {}
+    for r in rows:
+        by_id.setdefault(r["id"], set()).add(r["text"])
+    assert by_id["1"] == {a[0], b[0]} and by_id["5"] == {a[4]}
+    assert len(by_id) == 40
+    keys = pq.read_table(out / "cleaned", columns=["key"])["key"].to_pylist()
+    assert len(set(keys)) == len(keys) == 79

@@ -181,8 +181,32 @@ def test_bad_inputs_are_clear_value_errors():
         P.make_plan("7b", gpus=8, gpu="h100")
     with pytest.raises(ValueError, match="gpus"):
         P.make_plan("1.3b", gpus=0, gpu="h100")
-    with pytest.raises(ValueError, match="does not divide"):
-        P.make_plan("1.3b", gpus=8, gpu="h100", micro_batch=3)
+    with pytest.raises(ValueError, match="cannot be spread over 300 GPUs"):
+        P.make_plan("1.3b", gpus=300, gpu="h100", global_batch_tokens=256 * 2048)
+
+
+def test_micro_batch_is_a_maximum_and_uneven_batches_stay_exact():
+    """As the trainer's BatchLayout: a micro-batch that does not divide the per-GPU sequences means more, smaller
+    micro-steps; a global batch the GPUs do not divide is kept (the busiest GPU is planned), never rounded."""
+    p = P.make_plan("1.3b", gpus=8, gpu="h100", micro_batch=3)          # 128 seqs per GPU
+    assert p.micro_batch == 3 and p.grad_accum == 43 and p.global_batch_seqs == 1024
+    p = P.make_plan("12.8b", gpus=248, gpu="a100-80gb", global_batch_tokens=256 * 2048, stages=(1, 2, 3))
+    assert p.global_batch_seqs == 256 and p.fits and p.zero_stage >= 1          # 8 nodes' worth of GPUs lost
+    assert p.micro_batch * p.grad_accum == 2 and any("1 or 2 per GPU" in n for n in p.notes)
+    # bf16 runs never get stage 0 from the automatic choice (DeepSpeed would accumulate in bf16).
+    assert P.make_plan("tiny", gpus=1, gpu="h100", stages=(1, 2, 3)).zero_stage == 1
+    assert P.make_plan("tiny", gpus=1, gpu="h100").zero_stage == 0
+
+
+def test_cpu_plan_picks_the_cheapest_stage_that_fits_host_ram():
+    small = P.make_cpu_plan("tiny", workers=2, host_memory_gib=4, seq_len=64, micro_batch=16)
+    assert small.fits and small.zero_stage == 0 and "CPU plan" in small.render()
+    mem = P.make_cpu_plan("50m", workers=4, host_memory_gib=64, seq_len=256, micro_batch=1).memory_gib
+    assert mem[0] > mem[1] and mem[0] > mem[3]   # sharding the 8-12 B/param of Adam state saves host RAM
+    tight = P.make_cpu_plan("50m", workers=4, host_memory_gib=(mem[0] + mem[1]) / 2, seq_len=256, micro_batch=1)
+    assert tight.fits and tight.zero_stage == 1  # the cheapest stage that fits, not the most sharded
+    assert P.make_cpu_plan("50m", workers=4, host_memory_gib=64, seq_len=256, micro_batch=1, zero_stage=2).zero_stage == 2
+    assert not P.make_cpu_plan("12.8b", workers=2, host_memory_gib=64, seq_len=2048, micro_batch=1).fits
     with pytest.raises(ValueError, match="zero_stage"):
         P.make_plan("1.3b", gpus=8, gpu="h100", zero_stage=4)
 

@@ -2,9 +2,10 @@
 checkpoints multiplexed, API key on), real HTTP. One app for the whole module (~25 s to start).
 
 Checks generation against transformers directly (greedy tokens, echo log-probs within 1e-4),
-streaming, seeds, stop strings, batching, every bad-input case (4xx naming the field), the API
-key, /v1/models, /health, Prometheus metrics, concurrent load, and lm-eval ``local-completions``
-on KoBEST COPA through the endpoint against lm-eval's direct ``hf`` evaluation.
+streaming, seeds, stop strings, batching, every bad-input case (4xx naming the field, through the
+pydantic schema), the OpenAPI document, client disconnects cancelling generation, the API key,
+/v1/models, /health, Prometheus metrics, concurrent load, and lm-eval ``local-completions`` on
+KoBEST COPA through the endpoint against lm-eval's direct ``hf`` evaluation.
 """
 
 from __future__ import annotations
@@ -84,12 +85,15 @@ def token_ids(tok, choice):
 def test_greedy_generation_matches_transformers(server, hf_model):
     import torch
 
+    from polyko.serve.api import CompletionResponse
+
     model, tok = hf_model
     prompt = "대한민국의 수도는"
     r = post(server, {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 0,
                       "ignore_eos": True})
     assert r.status_code == 200, r.text
     body = r.json()
+    CompletionResponse.model_validate(body)   # the response schema served in /openapi.json
     assert body["object"] == "text_completion" and body["model"] == "tiny"
     ch = body["choices"][0]
     ids = tok.encode(prompt, add_special_tokens=False)
@@ -221,6 +225,7 @@ def test_two_models_multiplexed(server):
     assert outs[0] != outs[1] and outs[0] == outs[2] and outs[1] == outs[3]
     models = requests.get(server["url"] + "/v1/models", headers=HDR, timeout=10).json()
     assert {m["id"]: m["source"] for m in models["data"]} == {"tiny": str(server["ckpt"]), "b": str(server["ckpt_b"])}
+    assert all(m["version"] is None for m in models["data"])   # directories have no registry version
 
 
 BAD = [
@@ -265,10 +270,72 @@ BAD = [
 
 @pytest.mark.parametrize("body,status,param", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
 def test_bad_input_is_a_4xx_naming_the_field(server, body, status, param):
+    from polyko.serve.api import ErrorResponse
+
     r = post(server, body)
     assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+    err = ErrorResponse.model_validate(r.json()).error
+    assert err.param == param and err.message and err.type == "invalid_request_error"
+    if param:
+        assert param in err.message
+
+
+def test_openapi_schema_validates_and_docs_are_served(server):
+    from openapi_spec_validator import validate
+
+    spec = requests.get(server["url"] + "/openapi.json", timeout=30).json()
+    validate(spec)   # a valid OpenAPI 3.1 document
+    op = spec["paths"]["/v1/completions"]["post"]
+    ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    req = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert {"model", "prompt"} <= set(req["required"]) and "max_tokens" in req["properties"]
+    assert {"200", "400", "401", "404", "503"} <= set(op["responses"])
+    assert "ErrorResponse" in spec["components"]["schemas"] and "/v1/models" in spec["paths"]
+    docs = requests.get(server["url"] + "/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "/openapi.json" in docs.text
+
+
+def _engine_stats(server, model="tiny"):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("PolykoModel", app_name=server["cfg"].app_name)
+    return handle.stats.remote().result(timeout_s=60)["models"].get(model)
+
+
+def _wait_rows_freed(server, cancelled_before, n):
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        st = _engine_stats(server)
+        if st["running"] == 0 and st["waiting"] == 0 and st["cancelled"] >= cancelled_before + n:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"rows not freed after the client went away: {st}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_client_disconnect_cancels_generation(server, stream):
+    """A client that goes away (read timeout / closed stream) cancels its rows: they leave the
+    batch at the next step instead of generating their max_tokens for nobody."""
+    n, max_tokens = 16, 480
+    body = {"model": "tiny", "prompt": ["끝나지 않는 생성"] * n, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    assert post(server, {"model": "tiny", "prompt": "load", "max_tokens": 1}).status_code == 200
+    before = _engine_stats(server)
+    with requests.Session() as s:
+        if stream:
+            r = s.post(server["url"] + "/v1/completions", json=body, headers=HDR, stream=True, timeout=60)
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(3):   # generation has started
+                next(lines)
+            r.close()
+        else:
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                s.post(server["url"] + "/v1/completions", json=body, headers=HDR, timeout=(10, 1.5))
+    after = _wait_rows_freed(server, before["cancelled"], n)
+    assert after["tokens_generated"] - before["tokens_generated"] < n * max_tokens // 2
+    # the engine keeps serving
+    assert post(server, {"model": "tiny", "prompt": "다음", "max_tokens": 2}).status_code == 200
 
 
 def test_bad_stream_request_is_refused_before_streaming(server):

@@ -25,6 +25,11 @@ def test_model_spec_names():
     assert ModelSpec.parse("prod=models:/polyko-1.3b@prod") == ModelSpec("prod", "models:/polyko-1.3b@prod")
     with pytest.raises(ValueError, match="unique"):
         ServeConfig(models=[ModelSpec("a", "/x"), ModelSpec("a", "/y")])
+    # models:/name@alias sources are followed; pinned versions and directories are not
+    assert ModelSpec.parse("prod=models:/polyko-1.3b@production").alias == ("polyko-1.3b", "production")
+    assert ModelSpec.parse("models:/polyko-1.3b/3").alias is None and ModelSpec.parse("/data/x").alias is None
+    with pytest.raises(ValueError, match="follow_interval_s"):
+        ServeConfig(models=[ModelSpec("a", "/x")], follow_interval_s=-1)
 
 
 def test_cluster_serve_yaml_args_are_a_valid_config():
@@ -154,3 +159,92 @@ def test_app_builder_takes_serve_yaml_args(tiny_hf_checkpoint):
     args = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())["applications"][0]["args"]
     app = app_builder({**args, "models": [{"name": "tiny", "source": str(tiny_hf_checkpoint)}]})
     assert isinstance(app, Application)
+
+
+def test_sustained_stream_keeps_the_kv_cache_bounded(tiny_hf_checkpoint):
+    """>= 2,000 decode steps of staggered requests that never let the batch empty: at every step
+    the cache spans at most the longest live row (prompt + generated), and the batch's cache
+    (rows x columns) stays within max_batch_tokens. Before trimming, the columns of every row
+    that ever ran stayed in the cache, so its length grew with the number of steps."""
+    import random
+
+    from polyko.serve.config import EngineConfig
+    from polyko.serve.engine import HFEngine
+
+    budget = 6 * (12 + 40)     # six of the longest rows
+    eng = HFEngine(tiny_hf_checkpoint, EngineConfig(max_batch_size=8, max_batch_tokens=budget, batch_wait_ms=0),
+                   num_threads=1)
+    steps, running_after = [], []
+
+    def on_step(st):
+        steps.append((st.cache_len, max(st.lengths), len(st.lengths)))
+        running_after.append(eng.running)
+
+    eng.on_step = on_step
+    rng = random.Random(0)
+    done: list = []
+
+    async def stream():
+        live: list = []
+        while eng.decode_steps < 2000:
+            live = [s for s in live if not s.done]
+            while len(live) < 8:   # keep the queue fed: the batch never runs dry
+                ids = [rng.randrange(5, 20000) for _ in range(rng.randint(2, 12))]
+                (s,) = eng.prepare([ids], SamplingParams(max_tokens=rng.randint(3, 40), temperature=0,
+                                                         ignore_eos=True), timeout_s=600)
+                eng.submit([s])
+                live.append(s)
+                done.append(s)
+            await asyncio.sleep(0.001)
+        n_busy = len(steps)
+        for s in live:   # one submit each: each has its own update event
+            async for _ in eng.updates([s]):
+                pass
+        return n_busy
+
+    n_busy = asyncio.run(stream())
+    eng.close()
+    assert n_busy >= 2000
+    assert all(r > 0 for r in running_after[:n_busy - 1]), "the batch emptied during the stream"
+    for i, (cache_len, longest, rows) in enumerate(steps):
+        assert cache_len <= longest, (i, cache_len, longest)
+        assert rows == 1 or rows * cache_len <= budget, (i, rows, cache_len)
+    assert max(c for c, _, _ in steps) <= 12 + 40
+    assert sum(len(s.generated) for s in done) > 10 * (12 + 40)   # far more tokens than any row holds
+    assert all(s.finish_reason == "length" and len(s.generated) == s.params.max_tokens for s in done)
+
+
+def test_model_slot_switch_finishes_inflight_requests_on_the_old_version(tiny_hf_checkpoint, make_tiny_checkpoint):
+    """What a registry-following replica does when the alias moves: requests already submitted to
+    the old engine finish there, new ones go to the new engine, the old one is then freed."""
+    from polyko.serve.app import ModelSlot
+    from polyko.serve.config import EngineConfig
+    from polyko.serve.engine import HFEngine
+
+    old = HFEngine(tiny_hf_checkpoint, EngineConfig(), num_threads=1)
+    new = HFEngine(make_tiny_checkpoint(1), EngineConfig(), num_threads=1)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def go():
+        slot = ModelSlot("m", old, "1", ModelSpec.parse("m=models:/polyko-x@production"))
+        assert slot.fingerprint == "models:/polyko-x/1"
+        inflight = slot.engine.prepare(["전환 중에도 끝까지"], params, timeout_s=60)
+        slot.engine.submit(inflight)
+        while len(inflight[0].generated) < 3:
+            await asyncio.sleep(0.005)
+        slot.swap(new, "2")
+        assert slot.engine is new and slot.fingerprint == "models:/polyko-x/2" and slot.switches == 1
+        with pytest.raises(RequestError) as e:   # nothing new reaches the old version
+            old.submit(old.prepare(["늦게"], params, timeout_s=60))
+        assert e.value.status == 503
+        after = await slot.engine.run(slot.engine.prepare(["전환 중에도 끝까지"], params, timeout_s=60))
+        async for _ in old.updates(inflight):
+            pass
+        await asyncio.sleep(0.05)
+        return inflight[0], after[0]
+
+    s_old, s_new = asyncio.run(go())
+    assert s_old.finish_reason == "length" and len(s_old.generated) == 30   # finished on version 1
+    assert s_new.finish_reason == "length" and s_new.generated != s_old.generated   # another model answered
+    assert old.model is None and new.model is not None   # version 1 unloaded once drained
+    new.close()

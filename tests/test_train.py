@@ -90,7 +90,7 @@ def test_step_samples_do_not_depend_on_worker_count():
     s, g = GlobalSampler(333, seed=1), 24
     for step in (0, 5, 40):
         per_world = []
-        for world in (1, 2, 3, 4, 6):
+        for world in (1, 2, 3, 4, 5, 6, 7, 24):  # dividing G or not
             idx = [s.indices(*worker_positions(step, r, g, world)) for r in range(world)]
             per_world.append(np.concatenate(idx))
         assert all(np.array_equal(per_world[0], p) for p in per_world)
@@ -103,10 +103,25 @@ def test_batch_layout_keeps_global_batch():
     for world in (1, 2, 4, 8):
         lay = BatchLayout.derive(64 * 2048, 2048, world, max_micro_batch=4)
         assert lay.global_batch == 64 and lay.micro_batch * lay.grad_accum * world == 64 and lay.micro_batch <= 4
+        assert lay.even and all(lay.micro_sizes(r) == [lay.micro_batch] * lay.grad_accum for r in range(world))
+    # Any worker count up to G, also one that does not divide it (an elastic run after losing a node:
+    # the 12.8b preset's 256 sequences on 248 workers): the same G sequences, the same micro-steps everywhere.
+    for g, world, m in [(256, 248, 2), (256, 255, 1), (16, 3, 8), (5, 2, 1), (5, 2, 2), (7, 7, 4), (100, 3, 8)]:
+        lay = BatchLayout.derive(g * 64, 64, world, m)
+        sizes = [lay.micro_sizes(r) for r in range(world)]
+        assert sum(map(sum, sizes)) == g and all(len(s) == lay.grad_accum for s in sizes)
+        assert max(map(max, sizes)) == lay.micro_batch <= m
+        assert max(map(max, sizes)) - min(map(min, sizes)) <= 1                  # balanced
+        assert [lay.count(r) for r in range(world)] == [worker_positions(0, r, g, world)[1] for r in range(world)]
+        # the weights make the step's gradient the mean over the G sequences: sum_j scale_j / (w * acc) == 1
+        total = sum(lay.loss_scale(n) for s in sizes for n in s) / (world * lay.grad_accum)
+        assert total == pytest.approx(1.0)
+    assert BatchLayout.derive(16 * 64, 64, 3, 8).micro_sizes(0) == [6]       # 6, 5, 5: one micro-step each
+    assert BatchLayout.derive(5 * 64, 64, 2, 1).micro_sizes(1) == [1, 1, 0]  # a padded, zero-weight micro-step
     with pytest.raises(ValueError, match="multiple of the data's seq_len"):
         BatchLayout.derive(1000, 64, 1, 8)
-    with pytest.raises(ValueError, match="does not split over 3 workers"):
-        BatchLayout.derive(16 * 64, 64, 3, 8)
+    with pytest.raises(ValueError, match="cannot be spread over 17 workers"):
+        BatchLayout.derive(16 * 64, 64, 17, 8)
 
 
 def test_config_defaults_and_overrides(tmp_path):
@@ -127,6 +142,19 @@ def test_config_defaults_and_overrides(tmp_path):
         replace(cfg, deepspeed=replace(cfg.deepspeed, extra_json='{"train_batch_size": 4}')).resolved()
     lrs = [lr_at(cfg, s) for s in range(cfg.steps)]
     assert max(lrs) == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001, rel=0.01)
+
+
+def test_precision_stage_and_init_checks():
+    base = PretrainConfig()
+    with pytest.raises(ValueError, match="zero_stage=0 with bf16"):
+        replace(base, deepspeed=DeepSpeedConfig(zero_stage=0, precision="bf16")).resolved()
+    assert replace(base, deepspeed=DeepSpeedConfig(zero_stage=0, precision="fp32")).resolved().deepspeed.zero_stage == 0
+    assert replace(base, deepspeed=DeepSpeedConfig(zero_stage=1, precision="bf16")).resolved().deepspeed.precision == "bf16"
+    with pytest.raises(ValueError, match="model.init must be one of"):
+        replace(base, model=replace(base.model, init="xavier")).resolved()
+    # an uneven layout: DeepSpeed's batch keys describe the largest micro-batch (its identity must hold)
+    ds = deepspeed_config(base.resolved(), BatchLayout.derive(5 * 64, 64, 2, 1))
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == 6
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tokens_dir, shared_data, polyglot_tokenizer_dir):

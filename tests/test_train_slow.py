@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from polyko.cluster import free_port
+from polyko.cluster import free_port, stop_process_group
 from polyko.train.config import FaultConfig, ScalingConfig
 from polyko.train.metrics import read_jsonl
 
@@ -54,16 +53,6 @@ def _node_ports() -> list[str]:
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +98,15 @@ def two_node_cluster(tmp_path_factory):
             if w.poll() is None and f"/{i + 1}.0 CPU" in cpus():
                 workers.append(w)
                 break
-            _stop(w)
+            stop_process_group(w)
         else:
             for p in [head, *workers]:
-                _stop(p)
+                stop_process_group(p)
             pytest.fail(f"worker node {i} did not come up: {cpus()}")
     yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "head": head,
            "workers": workers}
     for p in [*workers, head]:
-        _stop(p)
+        stop_process_group(p)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -158,7 +147,7 @@ def test_killed_node_is_survived_elastically(two_node_cluster, tokens_dir, polyg
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-5000:]
             time.sleep(1)
         assert read_jsonl(out / "metrics.jsonl")[4]["world_size"] == 2
-        _stop(c["workers"][1])                                     # a whole node dies
+        stop_process_group(c["workers"][1])                                     # a whole node dies
         assert driver.wait(900) == 0, (tmp_path / "driver.log").read_text()[-5000:]
     finally:
         if driver.poll() is None:

@@ -43,5 +43,41 @@ def make_tokens(out: Path, tokenizer_dir: Path, corpus_dir: Path, *, seq_len: in
     shards = [write_shard(out, i, arr[s:s + sequences_per_shard])
               for i, s in enumerate(range(0, n, sequences_per_shard))]
     write_manifest(out, shards, seq_len=seq_len, dtype=arr.dtype, tokenizer_hash=tokenizer_hash(str(tokenizer_dir)),
-                   vocab_size=vocab, max_token_id=int(arr.max()))
+                   tokenizer_dir=str(Path(tokenizer_dir).resolve()), vocab_size=vocab, max_token_id=int(arr.max()))
     return out
+
+
+def make_checkpoint(out: Path, tokens_dir: Path, tokenizer_dir: Path, *, workers: int = 2, zero_stage: int = 3,
+                    size: str = "tiny", steps: int = 2, every_steps: int | None = None, seq_len: int = 64) -> Path:
+    """A real DeepSpeed checkpoint (``out/run/checkpoints/step_XXXXXX``) written by the production train loop
+    in ``workers`` plain torch.distributed processes (``LocalContext``, gloo, no Ray): ``steps`` optimizer
+    steps of ``size`` at ZeRO ``zero_stage``, 4 sequences per step, checkpointed every ``every_steps`` (default:
+    at the end; the newest two kept). Losses in ``out/run/metrics.jsonl``. Returns the newest step directory."""
+    import os
+    import subprocess
+    import sys
+
+    from polyko.cluster import free_port
+    from polyko.config import to_dict
+    from polyko.train import checkpoint as ckpt_io
+    from polyko.train.config import (BatchConfig, CheckpointConfig, DataConfig, DeepSpeedConfig, ModelConfig,
+                                     OptimConfig, PretrainConfig, ScalingConfig)
+
+    run = out / "run"
+    cfg = PretrainConfig(model=ModelConfig(size=size), data=DataConfig(path=str(tokens_dir), tokenizer=str(tokenizer_dir)),
+                         optim=OptimConfig(lr=3e-3, warmup_steps=1),
+                         batch=BatchConfig(global_batch_tokens=4 * seq_len, micro_batch=2),
+                         deepspeed=DeepSpeedConfig(zero_stage=zero_stage),
+                         checkpoint=CheckpointConfig(every_steps=every_steps or steps, keep=2),
+                         scaling=ScalingConfig(num_workers=workers), steps=steps, output=str(run), export=False)
+    code = ("import json, sys; from polyko.train.loop import train_loop, LocalContext; "
+            "c = json.loads(sys.argv[1]); train_loop(c, LocalContext(c['output']))")
+    arg = json.dumps({"config": to_dict(cfg.resolved()), "output": str(run), "run_name": "checkpoint"})
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    out.mkdir(parents=True, exist_ok=True)
+    logs = [out / f"rank{r}.log" for r in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, arg], stdout=open(logs[r], "w"), stderr=subprocess.STDOUT,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(workers)]
+    assert all(p.wait(900) == 0 for p in procs), "\n".join(f.read_text()[-3000:] for f in logs)
+    return ckpt_io.list_checkpoints(run / "checkpoints")[0]

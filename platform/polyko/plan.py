@@ -304,7 +304,8 @@ def _largest_micro_batch(fits_at, per_gpu: int) -> int:
 
 def make_plan(size: str, *, gpus: int, gpu: str, seq_len: int = 2048, global_batch_tokens: int | None = None,
               zero_stage: int | None = None, micro_batch: int | None = None, mfu: float = 0.45,
-              tokens: float | None = None, activation_checkpointing: bool = True) -> Plan:
+              tokens: float | None = None, activation_checkpointing: bool = True,
+              stages: tuple[int, ...] = (0, 1, 2, 3)) -> Plan:
     """Plan ``size`` (a :data:`polyko.model.PRESETS` key) on ``gpus`` x ``gpu`` (a :data:`PEAK_TFLOPS` key).
 
     ``global_batch_tokens``: default Polyglot-Ko's batch for that size (:data:`PAPER_BATCH_SEQS`
@@ -313,7 +314,12 @@ def make_plan(size: str, *, gpus: int, gpu: str, seq_len: int = 2048, global_bat
     less or equal: 0-2 all-reduce-equivalent volume, 3 adds 50%). ``micro_batch``: default the largest
     power of two that fits at that stage and divides the per-GPU sequences. ``mfu``: the assumed
     model FLOPs utilisation for the throughput/time estimate. ``tokens``: default the paper's
-    budget for that size (:data:`PAPER_TOKENS`), else 20 tokens/parameter (Chinchilla)."""
+    budget for that size (:data:`PAPER_TOKENS`), else 20 tokens/parameter (Chinchilla). ``stages``: the
+    stages the automatic choice may take (a bf16 run needs >= 1: DeepSpeed's stage 0 accumulates bf16 grads).
+
+    A ``global_batch_tokens`` given explicitly is kept exactly, also when ``gpus`` does not divide it (what the
+    trainer's ``BatchLayout`` does: the busiest GPU takes ``ceil(seqs / gpus)``, which the memory is planned
+    for); only the paper default is rounded to a multiple of ``gpus``."""
     if gpu not in PEAK_TFLOPS:
         raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(PEAK_TFLOPS)}")
     if size not in PRESETS:
@@ -335,15 +341,23 @@ def make_plan(size: str, *, gpus: int, gpu: str, seq_len: int = 2048, global_bat
     fpt = flops_per_token(config, seq_len)
     hw_fpt = flops_per_token(config, seq_len, recompute=activation_checkpointing)
 
+    exact = global_batch_tokens is not None
     if global_batch_tokens is None:
         global_batch_tokens = PAPER_BATCH_SEQS[size] * 2048 if size in PAPER_BATCH_SEQS else DEFAULT_BATCH_TOKENS
     if global_batch_tokens < seq_len:
         raise ValueError(f"global_batch_tokens {global_batch_tokens:,} is less than one sequence of {seq_len}")
     seqs = global_batch_tokens // seq_len
-    per_gpu = max(1, round(seqs / gpus))
-    if per_gpu * gpus != seqs:
-        notes.append(f"global batch {seqs} seqs is not a multiple of {gpus} GPUs: using {per_gpu * gpus}")
-    seqs = per_gpu * gpus
+    if exact and seqs % gpus:
+        if gpus > seqs:
+            raise ValueError(f"the global batch of {seqs} sequences cannot be spread over {gpus} GPUs")
+        per_gpu = -(-seqs // gpus)
+        notes.append(f"global batch {seqs} seqs over {gpus} GPUs: {seqs // gpus} or {per_gpu} per GPU "
+                     f"(memory planned for {per_gpu})")
+    else:
+        per_gpu = max(1, round(seqs / gpus))
+        if per_gpu * gpus != seqs:
+            notes.append(f"global batch {seqs} seqs is not a multiple of {gpus} GPUs: using {per_gpu * gpus}")
+        seqs = per_gpu * gpus
 
     def mem(stage: int, mb: int) -> Memory:
         return memory_per_gpu(config, params, stage=stage, gpus=gpus, micro_batch=mb, seq_len=seq_len,
@@ -357,14 +371,13 @@ def make_plan(size: str, *, gpus: int, gpu: str, seq_len: int = 2048, global_bat
     first_mb = micro_batch or 1
     stage = zero_stage
     if stage is None:
-        stage = next((s for s in range(4) if fits_at(s, first_mb)), 3)
+        stage = next((s for s in stages if fits_at(s, first_mb)), max(stages))
     if micro_batch is None:
         mb = _largest_micro_batch(lambda m: fits_at(stage, m), per_gpu) or 1
     else:
-        mb = micro_batch
-        if per_gpu % mb:
-            raise ValueError(f"micro_batch {mb} does not divide the {per_gpu} sequences per GPU "
-                             f"({seqs} seqs / {gpus} GPUs); change the batch or the micro-batch")
+        # The largest micro-batch, as the trainer's BatchLayout takes it: ceil(per_gpu / mb) micro-steps of at
+        # most mb sequences (sizes differing by one when mb does not divide per_gpu); memory is planned at mb.
+        mb = min(micro_batch, per_gpu)
     fits = fits_at(stage, mb)
     if not fits:
         notes.append(f"does not fit: ZeRO-{stage} at micro-batch {mb} needs {mem(stage, mb).total:.1f} GiB "
@@ -384,10 +397,75 @@ def make_plan(size: str, *, gpus: int, gpu: str, seq_len: int = 2048, global_bat
         size=size, gpu=gpu, gpus=gpus, seq_len=seq_len, params=params, matmul_params=matmul_params(config),
         flops_per_token=fpt, hardware_flops_per_token=hw_fpt, peak_tflops=peak, gpu_memory_gib=capacity,
         global_batch_seqs=seqs, global_batch_tokens=seqs * seq_len, zero_stage=stage, micro_batch=mb,
-        grad_accum=max(1, per_gpu // mb), activation_checkpointing=activation_checkpointing,
+        grad_accum=max(1, -(-per_gpu // mb)), activation_checkpointing=activation_checkpointing,
         memory={s: mem(s, mb) for s in range(4)}, fits=fits, mfu=mfu, tokens_per_s=tps, tokens=float(tokens),
         steps=math.ceil(tokens / (seqs * seq_len)), days=tokens / tps / 86400, notes=notes,
     )
+
+
+# CPU workers train in fp32 (gloo): 4 B weights + 4 B gradients + 8 B Adam moments per parameter; at ZeRO >= 1
+# DeepSpeed's optimizer also keeps an fp32 copy of its partition of the weights (4 B), sharded like the moments.
+CPU_PROCESS_GIB = 1.0        # interpreter + torch + DeepSpeed + Ray worker per process (~0.6 GB imports, ~1 GB tiny run)
+CPU_BUCKET_ELEMENTS = 2 * 50_000_000  # the reduce/allgather buckets polyko configures at ZeRO >= 2 (5e7 each), fp32
+
+
+@dataclass
+class CpuPlan:
+    """Host-RAM plan of a CPU run: per-worker memory by ZeRO stage and the cheapest stage that fits."""
+
+    size: str
+    workers: int
+    params: int
+    host_memory_gib: float       # RAM available to one worker (its node's Ray memory / workers on the node)
+    zero_stage: int
+    micro_batch: int
+    memory_gib: dict[int, float]  # per worker, by ZeRO stage
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"polyko CPU plan: {self.size} ({self.params:,} parameters) on {self.workers} CPU workers, fp32, "
+                 f"{self.host_memory_gib:.1f} GiB host RAM per worker",
+                 f"  {'ZeRO stage':<26}{self.zero_stage}" + ("" if self.fits else "  (DOES NOT FIT)"),
+                 f"  {'micro-batch':<26}{self.micro_batch}",
+                 f"  memory per worker (GiB)   {'stage 0':>9}{'stage 1':>9}{'stage 2':>9}{'stage 3':>9}",
+                 f"    {'total':<24}" + "".join(f"{self.memory_gib[s]:9.2f}" for s in range(4))]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def cpu_memory_gib(model_config, params: int, *, stage: int, workers: int, micro_batch: int, seq_len: int) -> float:
+    """Per-worker host RAM of fp32 CPU training at ZeRO ``stage`` over ``workers`` ranks (no activation
+    checkpointing: CPU runs keep it off), in GiB. Same activation model as :func:`memory_per_gpu`, in 4-byte floats."""
+    layers, h, ffn, vocab = _shape(model_config)
+    p, w = float(params), workers
+    weights = 4 * p / (w if stage >= 3 else 1)
+    grads = 4 * p / (w if stage >= 2 else 1)
+    optim = (8 + (4 if stage >= 1 else 0)) * p / (w if stage >= 1 else 1)
+    tokens = micro_batch * seq_len
+    acts = layers * tokens * (16 * h + 4 * ffn) * 2
+    logits = tokens * vocab * LOGIT_BYTES
+    buffers = 4 * min(CPU_BUCKET_ELEMENTS, 2 * p) if stage >= 2 else 0
+    return (weights + grads + optim + acts + logits + buffers) / GIB + CPU_PROCESS_GIB
+
+
+def make_cpu_plan(size: str, *, workers: int, host_memory_gib: float, seq_len: int, micro_batch: int,
+                  zero_stage: int | None = None) -> CpuPlan:
+    """The cheapest ZeRO stage whose per-worker memory fits ``host_memory_gib`` (``zero_stage`` given: that one,
+    checked). Every stage above 0 costs communication on a CPU too (ZeRO-2 +17% per step for tiny, +48% for
+    50m over plain data parallelism, benchmarks/train_step.py), so stage 0 wins whenever it fits."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown model size {size!r}; choose one of {list(PRESETS)}")
+    config = build_config(size, max_position_embeddings=max(seq_len, PRESETS[size].max_position_embeddings))
+    params = count_params(config)
+    mem = {s: cpu_memory_gib(config, params, stage=s, workers=workers, micro_batch=micro_batch, seq_len=seq_len)
+           for s in range(4)}
+    stage = zero_stage if zero_stage is not None else next((s for s in range(4) if mem[s] <= host_memory_gib), 3)
+    fits = mem[stage] <= host_memory_gib
+    notes = [] if fits else [f"does not fit: ZeRO-{stage} needs {mem[stage]:.1f} GiB per worker, "
+                             f"{host_memory_gib:.1f} GiB available"]
+    return CpuPlan(size=size, workers=workers, params=params, host_memory_gib=host_memory_gib, zero_stage=stage,
+                   micro_batch=micro_batch, memory_gib=mem, fits=fits, notes=notes)
 
 
 def check_fits(plan: Plan) -> Plan:

@@ -150,6 +150,16 @@ def set_alias(name: str, alias: str, version: str | int) -> None:
     _client().set_registered_model_alias(name, alias, str(version))
 
 
+def alias_version(name: str, alias: str) -> str:
+    """The version ``models:/name@alias`` points at now (one registry call; for polling)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        raise ValueError(f"cannot resolve models:/{name}@{alias}: {e.message}") from None
+
+
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     root = cache_dir or os.environ.get("POLYKO_MODEL_CACHE") or (tracking.work_dir() / "models")
     # One namespace per tracking server: version numbers are only unique within one.

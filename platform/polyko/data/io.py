@@ -45,7 +45,8 @@ BAD_REASONS = ("invalid_utf8", "nul_byte", "too_long", "malformed_json", "missin
                "truncated_file", "corrupt_file", "read_error", "non_korean_file")
 
 SCHEMA = pa.schema([
-    ("id", pa.string()),        # input id field (as string) or "<source>/<relpath>:<line>"
+    ("key", pa.int64()),        # internal unique key: (file index << KEY_FILE_SHIFT) | byte offset (Parquet: row)
+    ("id", pa.string()),        # input id field (as string) or "<source>/<relpath>:<line>"; NOT unique across inputs
     ("text", pa.string()),      # decoded document; null for a bad record
     ("source", pa.string()),    # record's source field, else the dataset (top directory) name
     ("file", pa.string()),      # path of the input file
@@ -56,6 +57,14 @@ SCHEMA = pa.schema([
     ("detail", pa.string()),    # human-readable detail for bad records (exception text ...)
     ("raw", pa.binary()),       # original bytes of a bad record (prefix of reject_prefix_bytes)
 ])
+
+# Every input file gets an index (its position in the listing, see list_splits); a document's key packs
+# it with the document's byte offset in the (decompressed) file, or its row in a Parquet file: unique
+# across all inputs by construction, whatever ids the inputs carry (every public dataset numbers from
+# 0 or 1), and ordered like the files and lines. 40 bits of offset = files up to 1 TiB; 23 bits of
+# file index = 8 M files.
+KEY_FILE_SHIFT = 40
+MAX_FILES = 1 << (63 - KEY_FILE_SHIFT)
 
 _HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 _NUL = b"\x00"
@@ -110,7 +119,8 @@ def file_format(path: str) -> tuple[str, str | None] | None:
 def list_splits(inputs: list[str] | tuple[str, ...], split_bytes: int = 256 << 20) -> list[dict[str, Any]]:
     """Expand inputs (files, directories, URIs) into read splits, on the driver: names and sizes only.
 
-    A split is ``{"path", "file", "dataset", "start", "end", "size"}``; ``end`` is -1 for "to the end".
+    A split is ``{"path", "file", "dataset", "start", "end", "size", "file_index"}``; ``end`` is -1 for
+    "to the end"; ``file_index`` numbers the distinct files in listing order (it makes document keys unique).
     ``dataset`` names the source when records carry none: the first directory under an input
     directory (``corpus/nsmc/part0.jsonl`` -> ``nsmc``), else the input directory's or the file's
     parent directory's name. Unsupported and hidden files inside a directory are skipped (logged);
@@ -155,6 +165,11 @@ def list_splits(inputs: list[str] | tuple[str, ...], split_bytes: int = 256 << 2
             splits.extend(_cut(full(root), posixpath.basename(root), dataset, size, split_bytes))
     if not splits:
         raise ValueError(f"no readable files (.jsonl/.json/.txt[.gz|.zst]/.parquet) under {list(inputs)}")
+    index: dict[str, int] = {}
+    for s in splits:  # byte-range splits of one file share its index (their offsets differ)
+        s["file_index"] = index.setdefault(s["path"], len(index))
+    if len(index) > MAX_FILES:
+        raise ValueError(f"{len(index)} input files: at most {MAX_FILES} per run (merge small files)")
     return splits
 
 
@@ -300,8 +315,9 @@ class _Rows:
         self.raw_of_good: list[bytes | None] = []  # kept only while probing (to quarantine if needed)
 
     def add(self, *, id: str, text: str | None, source: str, line: int | None, offset: int,
-            bytes_in: int, bad: str | None = None, detail: str | None = None, raw: bytes | None = None
-            ) -> None:
+            bytes_in: int, bad: str | None = None, detail: str | None = None, raw: bytes | None = None,
+            pos: int | None = None) -> None:
+        """One row; ``pos`` (Parquet row, >= 1) replaces the byte offset in the key."""
         if bad is None and self.non_korean:
             bad, detail, raw = "non_korean_file", "file failed the Hangul probe", raw
         if bad is not None:
@@ -310,6 +326,7 @@ class _Rows:
         else:
             raw = None
         c = self.cols
+        c["key"].append((int(self.split.get("file_index", 0)) << KEY_FILE_SHIFT) | (offset if pos is None else pos))
         c["id"].append(id), c["text"].append(text), c["source"].append(source)
         c["file"].append(self.split["file"]), c["line"].append(line), c["offset"].append(offset)
         c["bytes_in"].append(bytes_in), c["bad"].append(bad), c["detail"].append(detail), c["raw"].append(raw)
@@ -401,6 +418,13 @@ def _line_record(rows: _Rows, split: dict[str, Any], fmt: str, line: int | None,
     if "\x00" in text:
         rows.add(text=None, bad="nul_byte", detail="NUL character in the text field", raw=data, **common)
         return
+    if b"\\u" in data:  # only a JSON escape can smuggle in a lone surrogate ("\ud800"): not encodable
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            rows.add(text=None, bad="invalid_utf8", detail=f"lone surrogate in JSON string: {e}"[:200], raw=data,
+                     **common)
+            return
     rid = obj.get(cfg.id_field) if cfg.id_field else None
     if rid is not None and rid != "":
         common["id"] = str(rid)
@@ -487,7 +511,7 @@ def _read_parquet(split: dict[str, Any], cfg: ReadConfig, rows: _Rows) -> Iterat
                         row += 1
                         did = str(ids[i]) if ids is not None and ids[i] not in (None, "") else _default_id(split, row, 0)
                         src = srcs[i] if srcs is not None and isinstance(srcs[i], str) and srcs[i] else split["dataset"]
-                        common = dict(id=did, source=src, line=row, offset=0)
+                        common = dict(id=did, source=src, line=row, offset=0, pos=row)
                         if isinstance(t, bytes):
                             try:
                                 t_dec = t.decode("utf-8")

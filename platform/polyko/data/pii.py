@@ -10,9 +10,14 @@ Korean numbering plans, and the riskier shapes are validated in Python (only on 
 * ``rrn`` - ``YYMMDD-GNNNNNN``: month 01-12, day 01-31 (checked against the month), G in 1-8
   (1-4 citizens, 5-8 registered foreigners). With a separator (``-``, space, en dash) the date check is
   enough; partially hidden forms (``900101-1******``) are masked too (birth date + sex are still PII).
-  Without a separator 13 digits are only an RRN if the check digit is valid - this rejects 9 in 10
-  random 13-digit numbers (EAN-13 barcodes start 880...). Note: RRNs issued since Oct 2020 have random
-  last digits and may fail the check digit, so hyphen-less new numbers can be missed (documented gap).
+  Without a separator 13 digits are an RRN if the check digit is valid (rejects 9 in 10 random
+  13-digit numbers, e.g. EAN-13 barcodes 880...) OR if an RRN keyword (주민, 외국인등록) stands in
+  the 16 characters before: numbers issued since October 2020 carry random last 6 digits (the
+  registration-district digits and the check digit were dropped), so the check digit alone would miss
+  9 in 10 of them; the keyword catches them where they are labelled, without masking every 13-digit
+  number. A company registration number (법인등록번호, ``110111-1234567``) has the RRN's shape but is
+  public by law (commercial registry; printed in site footers under the e-commerce act) and names no
+  person: after 법인 in the 16 characters before, the number is left alone.
 * ``tel`` - mobile 010/011/016/017/018/019, Seoul 02, regional 031-033/041-044/051-055/061-064,
   internet 070, personal 050x, free-call 080; separators ``-`` ``.`` space or none (``(02) 123-4567``,
   ``02)123-4567`` too); international ``+82 10-1234-5678``, ``+82-10-...``, ``+82 (0)2 ...``,
@@ -21,8 +26,14 @@ Korean numbering plans, and the riskier shapes are validated in Python (only on 
 * ``acc`` - hyphenated digit groups in the layouts Korean banks print: 3-2-6 (SC, old 신한), 3-3-6 (신한,
   케이뱅크), 3-6-5 (하나), 4-3-6 (우리), 4-4-5, 6-2-6 (국민, 우체국, 단위농협), 3-4-4-2 (농협), 3-6-2-3 (기업),
   4-2-7 (카카오뱅크), 4-4-4 (토스뱅크), 3-6-3 (씨티), and 4-4-4-4 card numbers; plus any 10-14 digit
-  number (plain or hyphenated) right after a bank name or 계좌/계좌번호/입금. Phone and date shapes
-  (3-4-4, 2-4-4, 4-2-2) are not account layouts, and the bank name itself is kept.
+  number right after a bank name or 계좌/계좌번호/입금, plain, hyphenated or space-separated
+  (``신한은행 110 123 456789``: people type the groups with spaces; only the leading groups that add
+  up to 10-14 digits are masked, so a year after the number survives). Bank names that are everyday
+  words -- 우리 (we), 하나 (one), 국민 (people), 기업 (company), 산업, the city names 부산/대구/광주/
+  제주/경남/전북, the brands 카카오/토스 -- count only as 우리은행/하나은행/... or when the number
+  follows them directly (``우리 1002123456789``): in ``주문번호 우리 집 12345678901`` a word stands
+  between, and the order number survives. Phone and date shapes (3-4-4, 2-4-4, 4-2-2) are not
+  account layouts, and the bank name itself is kept.
 * ``email`` - RFC-ish ``local@domain.tld`` (ASCII local part, ASCII or IDN domain, TLD of letters).
 
 Order: email, rrn, acc, tel (an e-mail may contain a phone number; an IBK account starts with 010).
@@ -70,18 +81,23 @@ _RRN_RE = re.compile(
 )
 _DAYS_IN_MONTH = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _RRN_WEIGHTS = (2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5)
+_CONTEXT_CHARS = 16  # how far before a number a keyword (주민 / 법인) is looked for
+_RRN_KEYWORDS = ("주민", "외국인등록")
 
 
 def _rrn_ok(m: re.Match, checksum_no_sep: bool) -> bool:
     date = m.group(1)
     if int(date[4:6]) > _DAYS_IN_MONTH[int(date[2:4])]:
         return False
+    before = m.string[max(0, m.start() - _CONTEXT_CHARS):m.start()]
+    if "법인" in before:  # company registration number: same shape, public, not personal data
+        return False
     if m.group(2) is not None:  # with separator: the date check is enough
         rest = m.group(4)
         # '900101-1******' or full digits; reject mixes like '12*4*6' (not a masking style).
         return rest.isdigit() or rest.lstrip("0123456789").count("*") == len(rest.lstrip("0123456789"))
-    if not checksum_no_sep:
-        return True
+    if not checksum_no_sep or any(k in before for k in _RRN_KEYWORDS):
+        return True  # labelled as an RRN: numbers issued since Oct 2020 have no valid check digit
     digits = date + m.group(5) + m.group(6)
     check = (11 - sum(int(d) * w for d, w in zip(digits[:12], _RRN_WEIGHTS)) % 11) % 10
     return check == int(digits[12])
@@ -97,16 +113,21 @@ _ACC_LAYOUT_RE = re.compile(
     + "|".join("-".join(r"\d{%d}" % n for n in layout) for layout in _ACC_LAYOUTS)
     + r")(?![\d-]|\.\d|,\d)"
 )
+# Names that only mean a bank (longest first within a family).
 _BANKS = (
-    "국민은행|국민|KB국민|KB|신한은행|신한|우리은행|우리|하나은행|하나|KEB하나|농협은행|농협|NH농협|NH|"
-    "기업은행|기업|IBK|카카오뱅크|카카오|케이뱅크|토스뱅크|토스|SC제일은행|SC제일|제일은행|씨티은행|씨티|"
-    "새마을금고|새마을|신협|우체국|수협은행|수협|산업은행|산업|대구은행|대구|부산은행|부산|경남은행|경남|"
-    "광주은행|광주|전북은행|전북|제주은행|제주|iM뱅크|은행|뱅크"
+    "국민은행|KB국민|신한은행|신한|우리은행|하나은행|KEB하나|농협은행|농협|NH농협|"
+    "기업은행|IBK기업|IBK|카카오뱅크|케이뱅크|토스뱅크|SC제일은행|SC제일|제일은행|씨티은행|"
+    "새마을금고|신협|우체국|수협은행|수협|산업은행|대구은행|부산은행|경남은행|"
+    "광주은행|전북은행|제주은행|iM뱅크|은행|뱅크"
 )
-# Bank name / account keyword, then within a few characters a 10-14 digit number, plain or hyphenated.
+# Bank names that are also everyday words / places / brands: a bank only with the number right after.
+_AMBIGUOUS_BANKS = "우리|하나|국민|기업|산업|부산|대구|광주|제주|경남|전북|카카오|토스|KB|NH|씨티|새마을"
+# Digits of an account after a keyword: one run, or groups joined by '-' or one space.
+_ACC_NUMBER = r"(?<![\d-])(\d{2,14}(?:(?:-| )\d{2,8}){0,4})(?![\d]|-\d)"
+# Bank name / account keyword, then within a few characters a 10-14 digit number.
 _ACC_KEYWORD_RE = re.compile(
-    r"((?:" + _BANKS + r"|계좌번호|계좌|입금계좌|입금)\s?(?:계좌번호|계좌|번호)?\s?[:：]?\s?(?:\(?[가-힣A-Za-z]{1,6}\)?\s?)?)"
-    r"(?<![\d-])(\d[\d-]{8,18}\d)(?![\d-])"
+    r"((?:(?:" + _BANKS + r"|계좌번호|계좌|입금계좌|입금)\s?(?:계좌번호|계좌|번호)?\s?[:：]?\s?"
+    r"(?:\(?[가-힣A-Za-z]{1,6}\)?\s?)?|(?<![가-힣A-Za-z])(?:" + _AMBIGUOUS_BANKS + r")\s?))" + _ACC_NUMBER
 )
 
 # Phone numbers. Separator: '-', '.', one space, or none; ')' after the area code.
@@ -159,11 +180,39 @@ class _Masker:
         return self.token
 
 
-def _acc_keyword_ok(m: re.Match) -> bool:
-    number = m.group(2)
-    digits = number.replace("-", "")
-    # A phone number after '은행 고객센터' is a phone number (masked as tel later), not an account.
-    return 10 <= len(digits) <= 14 and "--" not in number and _TEL_RE.fullmatch(number) is None
+# A counter or unit right after a number makes it a quantity (하나 12345678901개, 입금 12345678901원).
+_UNIT_RE = re.compile(r"\s?(?:개|원|명|건|회|번째|년|월|일|시간|분|초|달러|위|등|점|%|배|km|kg|톤|주|장|권|대|마리|살|세)")
+
+
+class _AccKeywordMasker:
+    """re.sub callback for ``_ACC_KEYWORD_RE``: masks the leading digit groups that add up to 10-14
+    digits (the rest, e.g. a year typed after the number, is kept), never a phone number."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, m: re.Match) -> str:
+        number = m.group(2)
+        parts = re.split(r"([- ])", number)  # groups and the separators between them
+        digits, best = 0, -1
+        for k in range(0, len(parts), 2):  # the longest run of leading groups with 10-14 digits
+            digits += len(parts[k])
+            if digits > 14:
+                break
+            if digits >= 10:
+                best = k
+        if best < 0:
+            return m.group(0)
+        head = "".join(parts[: best + 1])
+        if best + 1 == len(parts) and _UNIT_RE.match(m.string, m.end()):
+            return m.group(0)  # '12345678901개', '...원': a count or an amount, not an account
+        # a phone number after '은행 고객센터' is a phone number (masked as tel later)
+        if _TEL_RE.fullmatch(head) is not None:
+            return m.group(0)
+        self.n += 1
+        return m.group(1) + PII_TOKENS["acc"] + "".join(parts[best + 1:])
 
 
 def may_contain_pii(text: str) -> bool:
@@ -191,7 +240,7 @@ def mask_pii(text: str, cfg: PIIConfig) -> tuple[str, dict[str, int]]:
         mk = _Masker(PII_TOKENS["acc"], _acc_layout_ok)
         if "-" in text:  # every layout is hyphenated; the alternation is the costliest scan here
             text = _ACC_LAYOUT_RE.sub(mk, text)
-        mk2 = _Masker(PII_TOKENS["acc"], _acc_keyword_ok, group=1)
+        mk2 = _AccKeywordMasker()
         text = _ACC_KEYWORD_RE.sub(mk2, text)
         if mk.n + mk2.n:
             counts["acc"] = mk.n + mk2.n

@@ -9,16 +9,21 @@ finished, and a rerun skips what is done):
 
 1. **clean** (``DIR/.stages/clean-<hash>/``): :mod:`polyko.data.io` streams every input file
    (bad records quarantined, never fatal), :func:`polyko.data.clean.clean_text` runs in
-   ``map_batches`` on Arrow batches; every record is written once as Parquet with its fate
-   (``kind`` = kept/filter/bad, ``reason``, byte counts, PII counts). From that: ``DIR/rejected/``
-   (bad input: file, line, reason, raw bytes) and the per-source counts, both computed by Ray
-   (per-block partial counts + ``groupby``), never by pulling documents to the driver.
+   ``map_batches`` on Arrow batches, then :func:`polyko.data.decontam.decontam_batch` checks the kept
+   documents against the benchmark n-gram index (``--decontaminate DIR``); every record is written
+   once as Parquet with its fate (``kind`` = kept/filter/bad/contaminated, ``reason``, ``bench``, byte
+   counts, PII counts). From that: ``DIR/rejected/`` (bad input: file, line, reason, raw bytes),
+   ``DIR/contaminated/`` (documents overlapping a benchmark item, with the item named) and the
+   per-source counts, computed by the write tasks, never by pulling documents to the driver.
 2. **dedup** (``DIR/cleaned/``): :func:`polyko.data.dedup.deduplicate` over the kept documents
-   of the whole corpus; the survivors are ``DIR/cleaned/*.parquet`` (``id``, ``text``, ``source``).
+   of the whole corpus, keyed by the reader's unique ``key`` (file index + byte offset: inputs whose
+   ``id`` fields collide -- every public dataset numbers from 0 or 1 -- are distinct documents);
+   the survivors are ``DIR/cleaned/*.parquet`` (``key``, ``id``, ``text``, ``source``).
 3. **pack** (``DIR/tokens/``, with a tokenizer): :func:`polyko.data.pack.pack_corpus`.
 
 ``DIR/stats.json`` gathers documents/bytes in and out, drops per rule and per source, duplicates
-(exact/near), PII masks by kind, bad records by reason and timings; the MLflow run (experiment
+(exact/near), contaminated documents per benchmark (also per source), PII masks by kind, bad records
+by reason and timings; the MLflow run (experiment
 ``polyko-data``) logs the counts as metrics and stats.json as an artifact.
 
 Outputs are named by config hash: each output directory holds ``_polyko.json`` with the hash of the
@@ -42,6 +47,7 @@ import pyarrow.compute as pc
 
 from polyko.config import config_hash, to_dict
 from polyko.data.clean import PII_KINDS, CleanConfig, clean_text
+from polyko.data.decontam import DecontamConfig
 from polyko.data.dedup import DedupConfig
 from polyko.data.io import SCHEMA, ReadConfig, list_splits, read_batch
 from polyko.data.shards import is_remote
@@ -49,11 +55,11 @@ from polyko.data.shards import is_remote
 log = logging.getLogger(__name__)
 
 # Bump when the on-disk layout or the meaning of a stage changes: old outputs then get new hashes.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 MARKER = "_polyko.json"
 SUCCESS = "_SUCCESS"
 STATS = "stats.json"
-KINDS = ("kept", "filter", "bad")
+KINDS = ("kept", "filter", "bad", "contaminated")
 
 
 @dataclass
@@ -72,6 +78,7 @@ class PipelineConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
     rows_per_file: int = 100_000
     """Minimum documents per output Parquet file: fewer, larger files (~100 MB of text at 1 KiB/doc)
     instead of one tiny file per block (the intermediate DIR/.stages files use an eighth of it, so
@@ -107,7 +114,8 @@ def clean_batch(t: pa.Table, cfg: CleanConfig) -> pa.Table:
 
     Adds ``kind`` (kept/filter/bad), ``reason`` (rule or bad-input reason; "kept"), ``bytes_out``
     (UTF-8 bytes of the cleaned text) and ``pii_<kind>`` counts; ``text`` becomes the cleaned text
-    (null unless kept). Python loop over documents: clean_text itself is regex (C) work.
+    (null unless kept). Python loop over documents: clean_text itself is regex (C) work. A document
+    that makes the cleaner raise is quarantined as ``clean_error`` (the batch goes on).
     """
     texts = t.column("text").to_pylist()
     bad = t.column("bad").to_pylist()
@@ -121,12 +129,19 @@ def clean_batch(t: pa.Table, cfg: CleanConfig) -> pa.Table:
         if bad[i] is not None:
             kind[i], reason[i] = "bad", bad[i]
             continue
-        r = clean_text(texts[i], cfg)
+        try:
+            r = clean_text(texts[i], cfg)
+            if r.text is not None:
+                b_out = len(r.text.encode("utf-8"))
+        except Exception as e:  # noqa: BLE001 -- one record's failure is quarantined, never fatal
+            kind[i], reason[i] = "bad", "clean_error"
+            log.warning("clean_text failed on one document (quarantined): %s: %s", type(e).__name__, e)
+            continue
         if r.text is None:
             kind[i], reason[i] = "filter", r.reason or "unknown"
             continue
         out[i] = r.text
-        bytes_out[i] = len(r.text.encode("utf-8"))
+        bytes_out[i] = b_out
         for k, c in r.pii.items():
             pii[k][i] = c
     t = t.set_column(t.schema.get_field_index("text"), "text", pa.array(out, pa.string()))
@@ -162,7 +177,15 @@ def _names(g: pa.Table, keys: list[str], sums: list[str]) -> list[str]:
 
 def _keep_bad(t: pa.Table) -> pa.Table:
     return t.filter(pc.equal(t.column("kind"), "bad")).select(
-        ["file", "line", "offset", "reason", "detail", "bytes_in", "id", "source", "raw"])
+        ["file", "line", "offset", "reason", "detail", "bytes_in", "key", "id", "source", "raw"])
+
+
+CONTAMINATED_COLUMNS = ["bench", "bench_item", "bench_field", "bench_overlap", "kind", "key", "id", "source",
+                        "file", "line", "text"]
+
+
+def _keep_contaminated(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_valid(t.column("bench"))).select(CONTAMINATED_COLUMNS)
 
 
 def _with_bytes(t: pa.Table) -> pa.Table:
@@ -285,8 +308,15 @@ def _claim(out: _Out, name: str, want: str, cfg: PipelineConfig) -> bool:
 def plan_hashes(cfg: PipelineConfig, splits: list[dict[str, Any]], tok_hash: str | None) -> dict[str, str]:
     """Hashes naming each stage's output: what goes in, and the config of every stage up to it."""
     files = sorted({(s["path"], s["size"]) for s in splits})
-    clean_h = config_hash({"v": PIPELINE_VERSION, "files": files, "read": to_dict(cfg.read),
-                           "clean": to_dict(cfg.clean)})
+    plan = {"v": PIPELINE_VERSION, "files": files, "read": to_dict(cfg.read), "clean": to_dict(cfg.clean)}
+    if cfg.decontam.benchmarks:  # the benchmark files name the output like the inputs do
+        from polyko.data.decontam import benchmark_files
+
+        import fsspec
+
+        plan["decontam"] = to_dict(cfg.decontam)
+        plan["benchmark_files"] = [(p, fsspec.core.url_to_fs(p)[0].size(p)) for p, _ in benchmark_files(cfg.decontam)]
+    clean_h = config_hash(plan)
     dedup_h = config_hash({"clean": clean_h, "dedup": to_dict(cfg.dedup)})
     out = {"clean": clean_h, "dedup": dedup_h}
     if tok_hash is not None:
@@ -359,11 +389,21 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
         ds = ray.data.from_items(splits, override_num_blocks=max(1, len(splits)))
         ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy", fn_kwargs={"cfg": cfg.read})
         ds = ds.map_batches(clean_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.clean})
+        if cfg.decontam.benchmarks:
+            from polyko.data.decontam import build_index, decontam_batch
+
+            index = build_index(cfg.decontam)  # small (benchmarks, not the corpus); shipped with the tasks
+            ds = ds.map_batches(decontam_batch, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={"index": index, "mode": cfg.decontam.mode})
+        else:
+            from polyko.data.decontam import no_decontam_batch
+
+            ds = ds.map_batches(no_decontam_batch, batch_format="pyarrow", batch_size=None)
         sums = ["bytes_in", "bytes_out", *(f"pii_{k}" for k in PII_KINDS)]
         # the per-source/rule counts come back from the write tasks: no second read of the corpus
         # intermediate files of >= rows_per_file / 8 records: the dedup stage reads (and MinHashes)
         # one file per task, so a small corpus in one big file would run on one core
-        sink = counting_parquet_sink(docs, ["source", "kind", "reason"], sums,
+        sink = counting_parquet_sink(docs, ["source", "kind", "reason", "bench"], sums,
                                      min_rows_per_file=max(1, cfg.rows_per_file // 8))
         ds.write_datasink(sink)
         clean_stats = sink.counts
@@ -379,6 +419,15 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
              .write_parquet(out.path("rejected"), min_rows_per_file=cfg.rows_per_file))
         out.write_json({"config_hash": hashes["clean"], "records": n_bad}, "rejected", MARKER)
         timings["rejected_s"] = round(time.time() - t0, 3)
+        # documents overlapping a benchmark item: the quarantine names the item (removed or flagged)
+        out.rm("contaminated")
+        n_cont = sum(r["n"] for r in clean_stats if r.get("bench") is not None)
+        if n_cont:
+            (ray.data.read_parquet(docs, columns=CONTAMINATED_COLUMNS)
+             .map_batches(_keep_contaminated, batch_format="pyarrow", batch_size=None)
+             .write_parquet(out.path("contaminated"), min_rows_per_file=cfg.rows_per_file))
+        out.write_json({"config_hash": hashes["clean"], "records": n_cont, "mode": cfg.decontam.mode},
+                       "contaminated", MARKER)
 
     # ---- stage 2: dedup over the whole corpus -> DIR/cleaned ----------------------------------
     if done_clean:
@@ -393,12 +442,13 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
 
         # an expression filter + projection (not a map_batches UDF): Ray knows the schema from the
         # plan, so deduplicate's ds.schema() needs no execution (a UDF cost a ~3 s read to find it)
-        kept = (ray.data.read_parquet(docs).select_columns(["id", "text", "source", "kind"])
-                .filter(expr=col("kind") == "kept").select_columns(["id", "text", "source"]))
-        survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="id")
+        kept = (ray.data.read_parquet(docs).select_columns(["key", "id", "text", "source", "kind"])
+                .filter(expr=col("kind") == "kept").select_columns(["key", "id", "text", "source"]))
+        # keyed by the reader's unique key, never by the input ids (which collide across inputs)
+        survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="key")
         sink = counting_parquet_sink(out.path("cleaned"), ["source"], ["bytes"], extra=_with_bytes,
                                      min_rows_per_file=cfg.rows_per_file)
-        survivors.select_columns(["id", "text", "source"]).write_datasink(sink)
+        survivors.select_columns(["key", "id", "text", "source"]).write_datasink(sink)
         out_stats = sink.counts  # documents/bytes out per source, counted by the write tasks
         timings["dedup_write_s"] = round(time.time() - t0, 3)
         t0 = time.time()
@@ -445,13 +495,18 @@ def summarize(clean_rows: list[dict], dedup_rows: list[dict], out_rows: list[dic
 
     def src(name: str) -> dict[str, Any]:
         return per.setdefault(name, {"documents_in": 0, "bytes_in": 0, "bad": {}, "filtered": {},
-                                     "pii_masked": {}, "kept_after_clean": 0, "bytes_after_clean": 0,
+                                     "contaminated": {}, "pii_masked": {}, "kept_after_clean": 0,
+                                     "bytes_after_clean": 0,
                                      "duplicates": {"exact": 0, "near": 0}, "documents_out": 0, "bytes_out": 0})
 
     for r in clean_rows:
         s = src(r["source"])
         s["documents_in"] += r["n"]
         s["bytes_in"] += r["bytes_in"]
+        if r.get("bench") is not None:  # removed ("contaminated") or only flagged (still "kept")
+            s["contaminated"][r["bench"]] = s["contaminated"].get(r["bench"], 0) + r["n"]
+        if r["kind"] == "contaminated":
+            continue
         if r["kind"] == "bad":
             s["bad"][r["reason"]] = s["bad"].get(r["reason"], 0) + r["n"]
         elif r["kind"] == "filter":
@@ -484,6 +539,7 @@ def summarize(clean_rows: list[dict], dedup_rows: list[dict], out_rows: list[dic
                                    "documents_out", "bytes_out")}
     stats["bad_records"] = total("bad")
     stats["filtered"] = total("filtered")
+    stats["contaminated"] = total("contaminated")
     stats["pii_masked"] = total("pii_masked")
     stats["duplicates_removed"] = total("duplicates")
     stats["per_source"] = dict(sorted(per.items()))
@@ -501,7 +557,7 @@ def _log_mlflow(stats: dict[str, Any], out: _Out) -> None:
     m: dict[str, float] = {}
     for k in ("documents_in", "bytes_in", "kept_after_clean", "documents_out", "bytes_out"):
         m[k] = stats[k]
-    for group in ("bad_records", "filtered", "pii_masked", "duplicates_removed"):
+    for group in ("bad_records", "filtered", "contaminated", "pii_masked", "duplicates_removed"):
         for k, v in stats[group].items():
             m[f"{group}.{k}"] = v
     for name, s in list(stats["per_source"].items())[:200]:  # bounded: one metric family per source

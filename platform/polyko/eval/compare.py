@@ -7,6 +7,10 @@ and pressing "Compare", in a terminal.
 
 ``--metric`` takes exact names or shell patterns; without it the ``kobest/f1_avg/*`` metrics are
 shown when the runs have them, else every metric (at most ``MAX_DEFAULT_METRICS``).
+
+When a column is a KoBEST macro-F1 (``<task>/f1/<N>shot`` or ``kobest/f1_avg/<N>shot``), the table ends
+with one ``published`` row per Polyglot-Ko size and baseline (``polyko.eval.table``), so runs read
+against the paper's numbers at the same shot count.
 """
 
 from __future__ import annotations
@@ -62,6 +66,22 @@ def _shot_key(name: str) -> tuple[str, int]:
     return (name.rsplit("/", 1)[0], int(last[:-4]) if last.endswith("shot") and last[:-4].isdigit() else -1)
 
 
+def published_rows(cols: list[str]) -> list[tuple[str, list[float | None]]]:
+    """``[(model, value per column)]`` for the published models, when any column is a KoBEST F1."""
+    from polyko.eval.table import PUBLISHED_ORDER, published_f1
+
+    keys: list[tuple[str, int] | None] = []
+    for c in cols:
+        head, _, shot = c.rpartition("/")
+        s = int(shot[:-4]) if shot.endswith("shot") and shot[:-4].isdigit() else None
+        task = "average" if head == "kobest/f1_avg" else head[:-3] if head.endswith("/f1") else None
+        keys.append((task, s) if task is not None and s is not None else None)
+    if not any(keys):
+        return []
+    rows = [(m, [published_f1(m, *k) if k else None for k in keys]) for m in PUBLISHED_ORDER]
+    return [(m, vals) for m, vals in rows if any(v is not None for v in vals)]
+
+
 def differing_params(runs: list[Any]) -> list[str]:
     keys = sorted({k for r in runs for k in r.data.params} - _IGNORED_PARAMS)
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
@@ -77,9 +97,9 @@ def _fmt(v: Any) -> str:
 
 
 def compare_runs(experiment: str, metrics: list[str] | None = None, max_runs: int = 50,
-                 sort_by: str | None = None, ascending: bool = False) -> str:
+                 sort_by: str | None = None, ascending: bool = False, published: bool = True) -> str:
     """Markdown table of the runs (see module doc). ``sort_by`` defaults to the first metric;
-    runs without it go last."""
+    runs without it go last. ``published`` appends the published KoBEST rows (see module doc)."""
     runs = fetch_runs(experiment, max_runs)
     if not runs:
         return f"experiment {_experiment_name(experiment)!r} has no runs\n"
@@ -103,5 +123,11 @@ def compare_runs(experiment: str, metrics: list[str] | None = None, max_runs: in
         row = [r.info.run_name or "", r.info.run_id[:8]] + [_fmt(r.data.params.get(p)) for p in params] \
               + [_fmt(r.data.metrics.get(m)) for m in cols]
         lines.append("| " + " | ".join(row) + " |")
+    pub = published_rows(cols) if published else []
+    for model, vals in pub:
+        lines.append("| " + " | ".join(["published", model] + ["—"] * len(params) + [_fmt(v) for v in vals]) + " |")
+    if pub:
+        lines += ["", "published: the Polyglot-Ko model cards' KoBEST macro-F1 (polyko/eval/published_kobest.json); "
+                  "'average' is the mean of the five task F1s."]
     lines += ["", f"Open the same runs in the MLflow UI: {tracking.ui_command()}"]
     return "\n".join(lines) + "\n"

@@ -50,7 +50,8 @@ class EvalConfig:
     model: str = ""
     # "kobest" = all five tasks, or any of KOBEST_TASKS (short names "copa" work too).
     tasks: list[str] = field(default_factory=lambda: ["kobest"])
-    # Few-shot counts; each is one lm-eval pass. The Polyglot-Ko card reports 1/5/10/50/100.
+    # Few-shot counts; each is one lm-eval pass. The Polyglot-Ko cards report 0/5/10/50
+    # (the superseded 2022 card 1/5/10/50/100).
     shots: list[int] = field(default_factory=lambda: [0, 5, 10, 50])
     # Documents per task (quick runs; numbers are then NOT comparable to published ones). 0 = all.
     limit: int = 0
@@ -77,6 +78,10 @@ class EvalConfig:
     # Alias given to that version (e.g. "candidate"); "" = none.
     register_alias: str = ""
     run_name: str = ""
+    # Published model the table and the ``*_vs_ref`` metrics compare with: a Polyglot-Ko size
+    # ("1.3b", "3.8b", "5.8b", "12.8b") or a published model name; "" = the Polyglot-Ko size nearest
+    # the model's parameter count (1.3b for smaller models).
+    compare_to: str = ""
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
 
     def __post_init__(self) -> None:
@@ -95,6 +100,10 @@ class EvalConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.register_alias and not self.register_name:
             raise ValueError("register_alias needs register_name (--register NAME --alias ALIAS)")
+        if self.compare_to:
+            from polyko.eval.table import reference_model
+
+            reference_model(None, self.compare_to)  # ValueError naming the choices
         if self.is_endpoint and self.register_name:
             raise ValueError("cannot register a model served at a URL; register its checkpoint directory")
 

@@ -7,7 +7,9 @@ CPU run (tiny model, 20 docs per task, zero-shot, ~30 s)::
     python jobs/evaluate.py --model work/quickstart/pretrain/hf --shots 0 --limit 20
 
 What a run records: params = the flattened EvalConfig; metrics ``<task>/<acc|f1|acc_norm>/<N>shot``
-(e.g. ``kobest_copa/f1/5shot``) and ``kobest/f1_avg/<N>shot`` (the card's average column); tags
+(e.g. ``kobest_copa/f1/5shot``) and ``kobest/f1_avg/<N>shot`` (unweighted mean of the five); against the
+reference Polyglot-Ko size (tag ``polyko.eval.reference``, see ``polyko.eval.table``)
+``published/<task>/f1/<N>shot`` and ``<task>/f1_vs_ref/<N>shot`` (ours - published); tags
 ``polyko.checkpoint`` (the model as given), ``polyko.checkpoint_dir`` (the local dir evaluated),
 ``polyko.parent.*`` (from the checkpoint's ``polyko_run.json``); artifacts ``table.md`` and
 ``results.json``. Metrics are logged after each shot count, so a long run shows progress in the UI.
@@ -106,6 +108,20 @@ def model_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], Path | None]:
     return "hf", {"pretrained": str(model_dir), "dtype": dtype}, model_dir
 
 
+def model_params(model_dir: Path | None) -> int | None:
+    """Parameter count of the HF model in ``model_dir`` (from its config.json, nothing loaded)."""
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    from polyko.model import count_params
+
+    try:
+        return count_params(AutoConfig.from_pretrained(str(model_dir)))
+    except (ValueError, OSError, TypeError, AttributeError):
+        return None  # not a GPT-NeoX config: the table compares with the default reference
+
+
 def default_output(cfg: EvalConfig) -> Path:
     return tracking.work_dir() / "eval" / config_hash(cfg)
 
@@ -124,7 +140,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # URL it is the prompts per request.
     batch_size = cfg.endpoint.batch_size if cfg.is_endpoint else (cfg.batch_size or "auto")
     out.mkdir(parents=True, exist_ok=True)
-    tags = {"polyko.checkpoint": cfg.model, "polyko.eval.data": data.describe()}
+    reference = table.reference_model(model_params(model_dir), cfg.compare_to)
+    tags = {"polyko.checkpoint": cfg.model, "polyko.eval.data": data.describe(), "polyko.eval.reference": reference}
     if model_dir is not None:
         # For a URL the local dir is the tokenizer's (a checkpoint dir when it has config.json).
         tags["polyko.tokenizer_dir" if cfg.is_endpoint else "polyko.checkpoint_dir"] = str(model_dir)
@@ -154,13 +171,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             metrics.update(shot_metrics)
             sizes.update(kobest.split_sizes(res))
             per_shot[str(shots)] = res
-            mlflow.log_metrics(shot_metrics)
+            mlflow.log_metrics({**shot_metrics, **table.comparison_metrics(shot_metrics, reference)})
         md = table.render_table(metrics, shots=cfg.shots, tasks=cfg.tasks, model=_display_name(cfg),
-                                limit=cfg.limit, split_sizes=sizes)
+                                limit=cfg.limit, split_sizes=sizes, reference=reference)
         summary = {
             "config": to_dict(cfg), "model_dir": str(model_dir) if model_dir else None,
             "lm_eval_model": lm_type, "model_args": model_args, "data": data.describe(),
             "metrics": metrics, "split_sizes": sizes, "mlflow_run_id": run.info.run_id,
+            "reference": reference, "vs_reference": table.comparison_metrics(metrics, reference),
             "seconds": round(time.time() - t0, 1),
         }
         results = {"polyko": summary, "lm_eval": per_shot}
@@ -179,7 +197,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             mlflow.set_tag("polyko.registered", f"models:/{cfg.register_name}/{version}")
         print(f"MLflow run: {tracking.run_url(run)}", flush=True)
     return {"output": str(out), "run_id": run.info.run_id, "metrics": metrics, "split_sizes": sizes,
-            "table": md, "registered_version": version, "seconds": round(time.time() - t0, 1)}
+            "reference": reference, "table": md, "registered_version": version, "seconds": round(time.time() - t0, 1)}
 
 
 def _display_name(cfg: EvalConfig) -> str:

@@ -1,8 +1,9 @@
 """Serving polyko checkpoints with Ray Serve: an OpenAI-style ``/v1/completions`` API with
-batching, several checkpoints per endpoint (multiplexing) and safe defaults.
+batching, several checkpoints per endpoint (multiplexing), registry-following deployments and safe
+defaults.
 
-Modules: :mod:`~polyko.serve.config` (``ServeConfig``), :mod:`~polyko.serve.engine` (batched
-generation with a KV cache), :mod:`~polyko.serve.api` (validation, OpenAI shapes),
+Modules: :mod:`~polyko.serve.config` (``ServeConfig``), :mod:`~polyko.serve.engine` (continuous
+batching with a bounded KV cache), :mod:`~polyko.serve.api` (the pydantic schema, OpenAI shapes),
 :mod:`~polyko.serve.app` (Serve deployments, ``build_app``, ``run_service``),
 :mod:`~polyko.serve.metrics` (Prometheus). Entry point: ``jobs/serve.py``.
 """

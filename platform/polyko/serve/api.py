@@ -1,16 +1,21 @@
-"""OpenAI completions protocol: request validation and response shapes.
+"""OpenAI completions protocol: the request and response schema, validation, response shapes.
 
-``parse_completion_request`` turns an untrusted JSON body into a :class:`CompletionRequest` or
-raises :class:`~polyko.serve.engine.RequestError` (HTTP 4xx, OpenAI error body
-``{"error": {"message", "type", "param", "code"}}`` with ``param`` naming the offending field).
-Nothing a client sends can reach a 5xx: every field is type- and range-checked here, and prompt
-lengths are checked against the model's context by the engine before anything is queued.
+The bodies are pydantic models (:class:`CompletionRequestBody`, :class:`CompletionResponse`,
+:class:`ModelList`, :class:`ErrorResponse`): FastAPI validates requests against them on the
+ingress and serves the schema at ``/openapi.json`` (Swagger UI at ``/docs``). Validation is strict
+(no coercion: ``"5"`` is not an integer, ``1`` is not a boolean), and :func:`request_error` turns
+pydantic's errors into OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``,
+HTTP 400, ``param`` naming the offending field. Bounds that depend on the service's
+``ServeConfig.limits`` (max_tokens, prompts per request, logprobs, stop strings) are checked by
+:func:`to_request` after the schema; prompt lengths are checked against the model's context by
+the engine before anything is queued. Nothing a client sends can reach a 5xx.
 
 The builders make ``text_completion`` bodies and SSE chunks from engine sequences, in the shapes
 of OpenAI's legacy ``/v1/completions`` (which lm-eval's ``local-completions`` consumes):
 ``logprobs = {tokens, token_logprobs, top_logprobs, text_offset}`` where ``tokens`` and the keys
 of ``top_logprobs`` are raw vocabulary strings (unique per id), and with ``echo`` the prompt's
-tokens come first with a ``None`` log-prob for the first one.
+tokens come first with a ``None`` log-prob for the first one. ``system_fingerprint`` names the
+registry version that answered (``models:/name/3``) when the model comes from the registry.
 """
 
 from __future__ import annotations
@@ -19,19 +24,109 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
+from pydantic_core import PydanticCustomError
 
 from polyko.serve.config import ServeConfig
 from polyko.serve.engine import RequestError, SamplingParams, Sequence
 
-# Accepted but not implemented OpenAI fields: allowed only at their neutral value.
-_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "n": 1, "best_of": 1, "logit_bias": None,
-            "suffix": None}
-_IGNORED = {"user", "stream_options"}
+# ---------------------------------------------------------------------- request schema
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+_PROMPT_SHAPES = ("a non-empty string, a list of non-empty strings, a list of token ids (integers >= 0) "
+                  "or a list of non-empty token-id lists")
+
+
+def _prompt_shape(v: Any, handler):
+    # One clear message instead of one error per union member.
+    try:
+        return handler(v)
+    except ValidationError as e:
+        # The deepest error is the member that got furthest (e.g. an empty inner list).
+        first = max(e.errors(), key=lambda x: len(x["loc"]))
+        where = "".join(f"[{x}]" for x in first["loc"] if isinstance(x, int))
+        raise PydanticCustomError("prompt_shape", "'prompt' must be {shapes}; got {got}{where}: {why}",
+                                  {"shapes": _PROMPT_SHAPES, "got": type(v).__name__, "where": where,
+                                   "why": first["msg"]}) from None
+
+
+Prompt = Annotated[Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)], TokenIds,
+                         Annotated[list[TokenIds], Field(min_length=1)]],
+                   WrapValidator(_prompt_shape)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` before `[DONE]`.")
+
+
+class CompletionRequestBody(BaseModel):
+    """``POST /v1/completions`` (OpenAI's legacy completions API). Unknown fields are ignored;
+    accepted-but-unimplemented OpenAI fields are allowed only at their neutral value."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={
+        "examples": [{"model": "tiny", "prompt": "대한민국의 수도는", "max_tokens": 16, "temperature": 0}]})
+
+    model: str = Field(description="A served model name (`GET /v1/models`); never a path.")
+    prompt: Prompt = Field(description="One prompt or several (each one choice): strings or token-id lists.")
+    max_tokens: Optional[int] = Field(None, ge=0, description="Tokens to generate (default "
+                                      "`limits.default_max_tokens`, at most `limits.max_tokens_limit`); "
+                                      "0 with `echo` scores the prompt only.")
+    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                         description="0 is greedy; default 1.")
+    top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass.")
+    stop: Optional[Union[NonEmptyStr, list[NonEmptyStr]]] = Field(
+        None, description="Stop strings (at most `limits.max_stop`); the text ends before the first one.")
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), lt=2 ** 63, description="Reproducible sampling.")
+    logprobs: Optional[int] = Field(None, ge=0, description="Top log-probs per token (at most "
+                                    "`limits.max_logprobs`); 0 returns the chosen tokens' log-probs only.")
+    echo: Optional[bool] = Field(False, description="Return the prompt (and its log-probs) before the generation.")
+    stream: Optional[bool] = Field(False, description="Server-sent events, one chunk per step, `data: [DONE]` last.")
+    stream_options: Optional[StreamOptions] = None
+    ignore_eos: Optional[bool] = Field(False, description="Keep generating past the end-of-text token.")
+    n: Optional[int] = Field(None, description="Only 1.")
+    best_of: Optional[int] = Field(None, description="Only 1.")
+    presence_penalty: Optional[float] = Field(None, description="Only 0.")
+    frequency_penalty: Optional[float] = Field(None, description="Only 0.")
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Only empty.")
+    suffix: Optional[str] = Field(None, description="Not supported (null only).")
+    user: Optional[str] = Field(None, description="Ignored.")
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _only_one(cls, v, info):
+        if v is not None and v != 1:
+            raise ValueError(f"'{info.field_name}' is not supported by this server (only 1)")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _only_zero(cls, v, info):
+        if v is not None and v != 0:
+            raise ValueError(f"'{info.field_name}' is not supported by this server (only 0)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("'logit_bias' is not supported by this server (only {} or null)")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v is not None:
+            raise ValueError("'suffix' is not supported by this server (only null)")
+        return v
 
 
 @dataclass
 class CompletionRequest:
+    """A validated request, as the model replicas receive it (no pydantic across processes)."""
+
     model: str
     prompts: list[str | list[int]]
     params: SamplingParams
@@ -39,131 +134,144 @@ class CompletionRequest:
     include_usage: bool = False   # stream_options.include_usage: a final chunk with usage
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def request_error(errors: list[dict[str, Any]]) -> RequestError:
+    """Pydantic/FastAPI validation errors -> one 400 ``RequestError`` naming the first bad field."""
+    if not errors:
+        return RequestError("invalid request", None)
+    e = errors[0]
+    loc = list(e.get("loc", ()))
+    if loc and loc[0] == "body":       # FastAPI prefixes body fields with "body"
+        loc = loc[1:]
+    param = loc[0] if loc and isinstance(loc[0], str) else None
+    kind, msg = e.get("type", ""), str(e.get("msg", "invalid value"))
+    if kind == "json_invalid":
+        message = f"request body is not valid JSON: {e.get('ctx', {}).get('error', msg)}"
+    elif param is None:
+        message = f"request body must be a JSON object with the completion fields: {msg}"
+    elif kind == "missing":
+        message = f"missing required field '{param}'"
+    elif kind == "prompt_shape":
+        message = msg
+    else:
+        msg = msg.removeprefix("Value error, ")
+        rest = "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))   # not pydantic's union tags
+        message = msg if msg.startswith(f"'{param}'") else f"'{param}{rest}': {msg}"
+        if "input" in e and kind not in ("missing",):
+            message += f" (got {json.dumps(e['input'], default=str)[:100]})"
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return RequestError(message[:1000], param)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def check_model(name: str, cfg: ServeConfig) -> None:
+    if cfg.model(name) is None:
+        # Only configured names: a request can never make the service load a path of its choosing.
+        raise RequestError(f"model {name[:200]!r} does not exist; served models: {[m.name for m in cfg.models]}",
+                           "model", status=404, code="model_not_found")
 
 
-def parse_json(raw: bytes, cfg: ServeConfig) -> Any:
-    if len(raw) > cfg.limits.max_body_bytes:
-        raise RequestError(f"request body is {len(raw)} bytes; the limit is {cfg.limits.max_body_bytes}",
-                           None, status=413)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}", None) from None
-
-
-def _prompts(v: Any, cfg: ServeConfig) -> list[str | list[int]]:
+def to_request(body: CompletionRequestBody, cfg: ServeConfig) -> CompletionRequest:
+    """A schema-valid body checked against the service's limits (``RequestError`` naming the field)."""
     lim = cfg.limits
-    if v is None:
-        raise RequestError("missing required field 'prompt'", "prompt")
-    if isinstance(v, str):
-        v = [v]
-    elif isinstance(v, list) and v and all(_is_int(t) for t in v):
-        v = [v]                                   # one prompt as token ids
-    elif not isinstance(v, list):
-        raise RequestError("'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                           f"token-id lists; got {type(v).__name__}", "prompt")
-    if not v:
-        raise RequestError("'prompt' is an empty list", "prompt")
-    if len(v) > lim.max_prompts:
-        raise RequestError(f"'prompt' has {len(v)} prompts; at most {lim.max_prompts} per request", "prompt")
-    out: list[str | list[int]] = []
-    for i, p in enumerate(v):
-        if isinstance(p, str):
-            if not p:
-                raise RequestError(f"prompt {i} is an empty string", "prompt")
-            if len(p) > lim.max_prompt_chars:
-                raise RequestError(f"prompt {i} has {len(p)} characters; the limit is {lim.max_prompt_chars}",
-                                   "prompt")
-        elif isinstance(p, list):
-            if not p:
-                raise RequestError(f"prompt {i} is an empty token list", "prompt")
-            if not all(_is_int(t) for t in p):
-                raise RequestError(f"prompt {i} must contain only integer token ids", "prompt")
-        else:
-            raise RequestError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}",
-                               "prompt")
-        out.append(p)
-    kinds = {isinstance(p, str) for p in out}
-    if len(kinds) > 1:
-        raise RequestError("'prompt' mixes strings and token-id lists", "prompt")
-    return out
+    check_model(body.model, cfg)
+    prompts = body.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]                      # one prompt (a string or token ids)
+    if len(prompts) > lim.max_prompts:
+        raise RequestError(f"'prompt' has {len(prompts)} prompts; at most {lim.max_prompts} per request", "prompt")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str) and len(p) > lim.max_prompt_chars:
+            raise RequestError(f"prompt {i} has {len(p)} characters; the limit is {lim.max_prompt_chars}", "prompt")
+    max_tokens = lim.default_max_tokens if body.max_tokens is None else body.max_tokens
+    if max_tokens > lim.max_tokens_limit:
+        raise RequestError(f"'max_tokens' must be in [0, {lim.max_tokens_limit}], got {max_tokens}", "max_tokens")
+    if body.logprobs is not None and body.logprobs > lim.max_logprobs:
+        raise RequestError(f"'logprobs' must be in [0, {lim.max_logprobs}], got {body.logprobs}", "logprobs")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > lim.max_stop:
+        raise RequestError(f"'stop' has {len(stop)} sequences; at most {lim.max_stop}", "stop")
+    echo = bool(body.echo)
+    if max_tokens == 0 and not echo:
+        raise RequestError("'max_tokens' is 0 without 'echo': nothing to return", "max_tokens")
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                            top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(stop), seed=body.seed,
+                            logprobs=body.logprobs, echo=echo, ignore_eos=bool(body.ignore_eos))
+    return CompletionRequest(model=body.model, prompts=list(prompts), params=params, stream=bool(body.stream),
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
 
 def parse_completion_request(body: Any, cfg: ServeConfig) -> CompletionRequest:
-    """Validate an untrusted ``/v1/completions`` body (``RequestError`` naming the field)."""
-    lim = cfg.limits
-    if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, got {type(body).__name__}", None)
-    model = body.get("model")
-    if model is None:
-        raise RequestError("missing required field 'model'", "model")
-    if not isinstance(model, str):
-        raise RequestError("'model' must be a string", "model")
-    if cfg.model(model) is None:
-        # Only configured names: a request can never make the service load a path of its choosing.
-        raise RequestError(f"model {model[:200]!r} does not exist; served models: {[m.name for m in cfg.models]}",
-                           "model", status=404, code="model_not_found")
-    prompts = _prompts(body.get("prompt"), cfg)
+    """Validate an untrusted, JSON-decoded ``/v1/completions`` body (``RequestError`` naming the field)."""
+    try:
+        parsed = CompletionRequestBody.model_validate(body)
+    except ValidationError as e:
+        raise request_error(e.errors()) from None
+    return to_request(parsed, cfg)
 
-    def num(name, default, lo, hi, *, lo_open=False, integer=False):
-        v = body.get(name)
-        if v is None:
-            return default
-        if not (_is_int(v) if integer else _is_num(v)) or v != v:
-            raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}"[:300], name)
-        if (v <= lo if lo_open else v < lo) or v > hi:
-            rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
-            raise RequestError(f"'{name}' must be in {rng}, got {v}", name)
-        return v
 
-    max_tokens = num("max_tokens", lim.default_max_tokens, 0, lim.max_tokens_limit, integer=True)
-    temperature = float(num("temperature", 1.0, 0.0, 2.0))
-    top_p = float(num("top_p", 1.0, 0.0, 1.0, lo_open=True))
-    logprobs = num("logprobs", None, 0, lim.max_logprobs, integer=True)
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise RequestError(f"'seed' must be an integer, got {seed!r}"[:300], "seed")
-    if seed is not None and not (-(2 ** 63) <= seed < 2 ** 63):
-        raise RequestError("'seed' must fit in 64 bits", "seed")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("'stop' must be a non-empty string or a list of non-empty strings", "stop")
-    if len(stop) > lim.max_stop:
-        raise RequestError(f"'stop' has {len(stop)} sequences; at most {lim.max_stop}", "stop")
-    flags = {}
-    for name in ("echo", "stream", "ignore_eos"):
-        v = body.get(name, False)
-        if v is None:
-            v = False
-        if not isinstance(v, bool):
-            raise RequestError(f"'{name}' must be a boolean, got {v!r}"[:300], name)
-        flags[name] = v
-    for name, neutral in _NEUTRAL.items():
-        v = body.get(name)
-        if v is not None and v != neutral and not (neutral is None and v == {}):
-            raise RequestError(f"'{name}' is not supported by this server (only {neutral!r})", name)
-    include_usage = False
-    so = body.get("stream_options")
-    if so is not None:
-        if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
-            raise RequestError("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-        include_usage = so.get("include_usage", False)
-    if max_tokens == 0 and not flags["echo"]:
-        raise RequestError("'max_tokens' is 0 without 'echo': nothing to return", "max_tokens")
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
-                            seed=seed, logprobs=logprobs, echo=flags["echo"], ignore_eos=flags["ignore_eos"])
-    return CompletionRequest(model=model, prompts=prompts, params=params, stream=flags["stream"],
-                             include_usage=include_usage)
+# ---------------------------------------------------------------------- response schema
+class Logprobs(BaseModel):
+    tokens: list[str] = Field(description="Raw vocabulary strings (unique per token id).")
+    token_logprobs: list[Optional[float]] = Field(description="With echo, the first prompt token's is null.")
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int] = Field(description="Character offset of each token in the choice's text.")
+
+
+class Choice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[Logprobs] = None
+    finish_reason: Optional[Literal["stop", "length", "cancelled", "timeout", "error"]] = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """A ``text_completion`` (streamed: the same object per chunk, one choice each, as SSE)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = Field(None, description="The registry version that answered "
+                                              "(models:/name/N), for registry models.")
+    choices: list[Choice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    source: str = Field(description="What the service was configured with (a directory or a models:/ URI).")
+    version: Optional[str] = Field(None, description="The registry version answering now (registry models), "
+                                   "null for directories or before the model is first loaded.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = Field(None, description="The request field at fault, when there is one.")
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: list[str]
 
 
 # ---------------------------------------------------------------------- responses
@@ -209,7 +317,8 @@ def prompt_text(engine, s: Sequence) -> str:
     return s.prompt_text if s.prompt_text is not None else engine.tokenizer.decode(s.prompt_ids)
 
 
-def completion_body(engine, req: CompletionRequest, seqs: list[Sequence], rid: str, model: str) -> dict[str, Any]:
+def completion_body(engine, req: CompletionRequest, seqs: list[Sequence], rid: str, model: str,
+                    fingerprint: str | None = None) -> dict[str, Any]:
     choices = []
     for s in seqs:
         text = s.text
@@ -221,7 +330,7 @@ def completion_body(engine, req: CompletionRequest, seqs: list[Sequence], rid: s
                                 text_start=0)
         choices.append({"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason})
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(seqs)}
+            "system_fingerprint": fingerprint, "choices": choices, "usage": usage(seqs)}
 
 
 def usage(seqs: list[Sequence]) -> dict[str, int]:
@@ -231,9 +340,9 @@ def usage(seqs: list[Sequence]) -> dict[str, int]:
 
 
 def chunk(rid: str, model: str, index: int, text: str, logprobs: dict | None,
-          finish_reason: str | None) -> dict[str, Any]:
+          finish_reason: str | None, fingerprint: str | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "system_fingerprint": fingerprint, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -13,6 +13,7 @@ CPU quickstart::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class ModelSpec:
     @property
     def is_registry_uri(self) -> bool:
         return self.source.startswith(REGISTRY_SCHEMES)
+
+    @property
+    def alias(self) -> tuple[str, str] | None:
+        """``(registered name, alias)`` for a ``models:/name@alias`` source (followed while
+        serving, see ``ServeConfig.follow_interval_s``), else None."""
+        m = re.fullmatch(r"models:/([^/@]+)@([^/]+)/?", self.source)
+        return (m[1], m[2]) if m else None
 
 
 @dataclass
@@ -131,6 +139,11 @@ class ServeConfig:
     # the router up to max_queued_requests and then answers 503.
     max_ongoing_requests: int = 64
     max_queued_requests: int = 512
+    # Seconds between registry polls of each ``models:/name@alias`` model resident on a replica.
+    # When the alias moves, the replica loads the new version beside the old one, sends new
+    # requests to it once loaded, lets requests on the old one finish, then unloads it.
+    # 0 = resolve the alias once, at load. One poll is one small registry call.
+    follow_interval_s: float = 30.0
     # CPUs (and GPUs) reserved per model replica.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -147,6 +160,8 @@ class ServeConfig:
             raise ValueError(f"max_resident must be >= 1, got {self.max_resident}")
         if self.engine.kind not in ("hf", "vllm"):
             raise ValueError(f"engine.kind must be 'hf' or 'vllm', got {self.engine.kind!r}")
+        if self.follow_interval_s < 0:
+            raise ValueError(f"follow_interval_s must be >= 0 (0 = never re-resolve), got {self.follow_interval_s}")
         if self.max_ongoing_requests < self.autoscaling.target_ongoing_requests:
             raise ValueError("max_ongoing_requests must be >= autoscaling.target_ongoing_requests")
 

@@ -9,6 +9,14 @@ so a short request neither waits for nor pays for long ones. Batch size and batc
 bounded (``max_batch_size``, ``max_batch_tokens``), the queue too (``max_queued`` -> 503). Forward
 passes run in a dedicated thread: the replica's event loop keeps answering while the model works.
 
+The cache stays bounded however long traffic keeps the batch busy: rows are left-padded, so the
+columns left of the longest live row hold only padding once the rows that needed them are gone.
+Whenever rows leave (or join), those columns are cut off, so at every step the cache spans exactly
+the longest live row's prompt + generated tokens; merging pads the shorter side up to that length
+and no further. Without this, a batch that never empties keeps every column it ever had, and each
+step's attention cost and memory grow with the total tokens served. ``stats()`` and ``on_step``
+expose the cache length per step.
+
 Per-sequence sampling: greedy at temperature 0, else temperature + nucleus (top_p) sampling with a
 per-sequence ``torch.Generator`` (``seed`` makes it reproducible). Log-probabilities are those of
 the model's distribution (before temperature/top_p), over the full embedding rows; ``echo``
@@ -35,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from polyko.serve.config import EngineConfig
 
@@ -81,6 +89,16 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
             "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)` "
             "in a trusted environment.")
     return p
+
+
+@dataclass
+class StepStats:
+    """One decode step of the running batch."""
+
+    step: int
+    seconds: float          # wall time of the forward pass (and token selection)
+    cache_len: int          # KV-cache columns the step attended to (after appending its token)
+    lengths: list[int]      # per row: prompt + generated tokens held in the cache at that step
 
 
 @dataclass
@@ -211,6 +229,14 @@ class HFEngine:
         self._closed = False
         self.tokens_generated = 0
         self.on_close = None    # called once by close() (the replica updates its resident-models gauge)
+        # Called on the engine's event loop after every decode step with a StepStats (tests, metrics).
+        self.on_step: Callable[[StepStats], None] | None = None
+        self.decode_steps = 0
+        self.decode_seconds = 0.0       # summed wall time of decode forward passes
+        self.decode_rows = 0            # summed batch size of decode steps (row-steps)
+        self.cancelled = 0              # sequences finished as "cancelled" (client went away)
+        self.running = 0                # rows in the running batch after the last step
+        self.cache_len = 0              # KV-cache columns of the running batch after the last step
 
     # ------------------------------------------------------------------ requests
     def prepare(self, prompts: list[str | list[int]], params: SamplingParams, *, timeout_s: float,
@@ -340,12 +366,24 @@ class HFEngine:
                             state = await loop.run_in_executor(self._executor, self._merge, state, new_state, keep)
                             running += [new[i] for i in keep]
                     if running:
+                        t0 = time.perf_counter()
                         picks = await loop.run_in_executor(self._executor, self._decode, state, running)
+                        dt = time.perf_counter() - t0
+                        # Rows' cached tokens: the prompt and every generated token but the one just picked.
+                        lengths = [len(q.prompt_ids) + len(q.generated) for q in running]
+                        self.decode_steps += 1
+                        self.decode_seconds += dt
+                        self.decode_rows += len(running)
+                        stats = StepStats(self.decode_steps, dt, self._cache_columns(state), lengths)
                         self._advance(running, picks)
                         keep = [i for i, q in enumerate(running) if not q.done]
                         if len(keep) < len(running):
                             running = [running[i] for i in keep]
                             state = self._select_rows(state, keep) if running else None
+                        self.running = len(running)
+                        self.cache_len = self._cache_columns(state)
+                        if self.on_step is not None:
+                            self.on_step(stats)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # a bug or OOM: fail these sequences, keep serving
@@ -357,20 +395,25 @@ class HFEngine:
                             q.finish_reason = "error"
                             q._notify()
                     running, state = [], None
+                    self.running, self.cache_len = 0, 0
         finally:
             if self._closed:
                 self._free()
 
     def _take_batch(self, running: list[Sequence]) -> list[Sequence]:
-        """Queued sequences that fit beside ``running``: at most max_batch_size in all, and
-        rows x (longest prompt + max_tokens) within max_batch_tokens (the KV cache and
-        activations grow with both). An idle engine always takes at least one."""
+        """Queued sequences that fit beside ``running``: at most max_batch_size in all, and the
+        batch's KV cache (rows x columns) within max_batch_tokens for as long as they all run.
+        The cache spans the longest live row (see ``_trim``), so its columns never exceed the
+        largest prompt + max_tokens among the rows, nor its present length. An idle engine
+        always takes at least one."""
         batch: list[Sequence] = []
-        longest = max((len(q.prompt_ids) + q.params.max_tokens for q in running), default=0)
+        longest = max([len(q.prompt_ids) + q.params.max_tokens for q in running] + [self.cache_len])
         while self._waiting and len(running) + len(batch) < self.cfg.max_batch_size:
             q = self._waiting[0]
             if q.cancelled:
                 self._waiting.popleft()
+                q.finish_reason = "cancelled"
+                self.cancelled += 1
                 continue
             n = len(q.prompt_ids) + q.params.max_tokens
             if (running or batch) and (len(running) + len(batch) + 1) * max(longest, n) > self.cfg.max_batch_tokens:
@@ -385,6 +428,7 @@ class HFEngine:
         for q, pick in zip(seqs, picks):
             if q.cancelled:
                 q.finish_reason = "cancelled"
+                self.cancelled += 1
             elif now > q.deadline:
                 q.finish_reason = "timeout"
             elif first and q.params.max_tokens == 0:   # echo-only scoring request
@@ -509,11 +553,38 @@ class HFEngine:
             return self._select(self.lm_head(out.last_hidden_state[:, -1]), seqs)
 
     def _select_rows(self, state: dict, keep: list[int]) -> dict:
-        """Drop finished rows from the batch and its KV cache."""
+        """Drop finished rows from the batch and its KV cache, then the columns no row needs."""
         sel = self.torch.tensor(keep, dtype=self.torch.long, device=self.device)
         state["cache"].batch_select_indices(sel)
         state.update(mask=state["mask"][sel], pos=state["pos"][sel])
+        return self._trim(state)
+
+    def _trim(self, state: dict) -> dict:
+        """Cut the left columns that are padding in every row. Rows are left-padded (each mask
+        row is zeros, then ones), so the cache needs only as many columns as the longest live row
+        has tokens. Position ids are per row, so dropping masked columns changes no row's numbers."""
+        mask = state["mask"]
+        width = mask.shape[1]
+        live = int(mask.sum(dim=1).max())
+        if live < width and self._can_merge:   # plain [B, H, T, D] layers only
+            cut = width - live
+            for layer in state["cache"].layers:
+                # .contiguous(): a view would keep the whole old buffer alive until the next append.
+                layer.keys = layer.keys[:, :, cut:].contiguous()
+                layer.values = layer.values[:, :, cut:].contiguous()
+            state["mask"] = mask[:, cut:].contiguous()
         return state
+
+    @staticmethod
+    def _cache_columns(state: dict | None) -> int:
+        return 0 if state is None else int(state["mask"].shape[1])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this engine (cheap; for ``/metrics``-style polling and benchmarks)."""
+        return {"decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
+                "decode_rows": self.decode_rows,
+                "tokens_generated": self.tokens_generated, "cancelled": self.cancelled,
+                "running": self.running, "waiting": len(self._waiting), "cache_len": self.cache_len}
 
     @property
     def _can_merge(self) -> bool:

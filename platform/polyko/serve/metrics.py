@@ -11,6 +11,9 @@ fixed interface (see COMMON conventions):
 * histogram ``polyko_serve_request_latency_seconds`` {model}: request latency (streams: to the last chunk).
 * counter ``polyko_serve_generated_tokens_total`` {model}.
 * gauge ``polyko_serve_resident_models`` {replica}: models loaded on each model replica.
+* counter ``polyko_serve_model_switches_total`` {model}: a replica switched a ``models:/name@alias``
+  model to the version the alias moved to (see ``ServeConfig.follow_interval_s``).
+* gauge ``polyko_serve_model_version`` {model, replica}: the registry version each replica serves.
 
 Objects are created lazily in the process that records (Ray metrics are per-process).
 """
@@ -54,3 +57,16 @@ def resident_models_gauge():
 
     return metrics.Gauge("polyko_serve_resident_models", description="Models resident on a model replica.",
                          tag_keys=("replica",))
+
+
+@functools.lru_cache(maxsize=1)
+def registry_metrics():
+    """(switches counter, version gauge) of registry-following models, in the model replica."""
+    from ray.util import metrics
+
+    switches = metrics.Counter("polyko_serve_model_switches_total",
+                               description="Switches of a registry-alias model to a newly promoted version.",
+                               tag_keys=("model",))
+    version = metrics.Gauge("polyko_serve_model_version", description="Registry version served, per replica.",
+                            tag_keys=("model", "replica"))
+    return switches, version

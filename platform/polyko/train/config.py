@@ -7,10 +7,11 @@ rate, ZeRO stage, micro-batch, precision) so ``--size 1.3b`` alone gives a sensi
 ``deepspeed.extra_json`` (from ``--deepspeed-config FILE``) is merged on top, last.
 
 Batch arithmetic (fixed global batch, elastic worker count): the global batch in sequences
-``G = global_batch_tokens / seq_len`` never changes; with ``w`` workers each worker takes ``G / w``
-sequences per step as ``acc`` micro-batches of ``m`` (``m`` = the largest divisor of ``G / w`` not
-above ``batch.micro_batch``). So a run resumed on fewer workers takes the same optimizer steps over
-the same samples, only with more gradient accumulation.
+``G = global_batch_tokens / seq_len`` never changes, at ANY worker count ``1 <= w <= G``: worker ``r``
+takes ``G // w`` sequences, plus one if ``r < G % w``, as ``acc`` micro-batches (the same ``acc`` on
+every worker, sizes differing by at most one, none above ``batch.micro_batch``), and the loop weights
+each micro-batch's loss so the gradient is the mean over the ``G`` sequences (:class:`BatchLayout`).
+So a run resumed on another worker count takes the same optimizer steps over the same samples.
 
 CPU: ``PretrainConfig(model=ModelConfig(size="tiny"), data=DataConfig(path=..., tokenizer=...))``.
 """
@@ -30,9 +31,11 @@ GLOBAL_BATCH_TOKENS = {"tiny": 8_192, "50m": 16_384, "1.3b": 2_097_152, "3.8b": 
 MICRO_BATCH = {"tiny": 16, "50m": 8, "1.3b": 8, "3.8b": 4, "5.8b": 4, "12.8b": 2}
 # Peak learning rates: GPT-3 paper table for similar sizes; tiny/50m tolerate more.
 LEARNING_RATE = {"tiny": 1e-3, "50m": 6e-4, "1.3b": 2e-4, "3.8b": 1.6e-4, "5.8b": 1.2e-4, "12.8b": 1e-4}
-# ZeRO stage: shard optimizer state (1), + gradients (2), + parameters (3) only when memory needs it;
-# every stage above the need costs communication. tiny/50m use 2 to exercise the real sharded path.
-ZERO_STAGE = {"tiny": 2, "50m": 2, "1.3b": 1, "3.8b": 2, "5.8b": 2, "12.8b": 3}
+# ZeRO stage when nothing else decides it: shard optimizer state (1), + gradients (2), + parameters (3) only
+# when memory needs it; every stage above the need costs communication (tiny/50m at ZeRO-2 cost +17%/+48% per
+# CPU step over plain data parallelism, benchmarks/train_step.py). ``pretrain`` replaces it by the memory plan's
+# cheapest stage that fits (polyko.plan: GPU memory, or host RAM per CPU worker); bf16 needs stage >= 1.
+ZERO_STAGE = {"tiny": 0, "50m": 0, "1.3b": 1, "3.8b": 2, "5.8b": 2, "12.8b": 3}
 # DeepSpeed keys derived from this config; setting them in extra_json would break the batch arithmetic.
 _DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -42,6 +45,7 @@ class ModelConfig:
     size: str = "tiny"                 # a polyko.model.PRESETS name
     init_from: str | None = None       # HF checkpoint dir to continue from (weights only, step 0)
     activation_checkpointing: bool | None = None  # None: on for GPU sizes >= 1.3b (~30% more compute, far less memory)
+    init: str = "neox"                 # neox: GPT-NeoX small_init/wang_init (Polyglot-Ko); hf: transformers' N(0, 0.02)
 
 
 @dataclass
@@ -55,6 +59,9 @@ class DataConfig:
 class OptimConfig:
     lr: float | None = None            # peak learning rate; None: per size (LEARNING_RATE)
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio (GPT-3, Chinchilla)
+    schedule: str = "cosine"           # after warmup: "cosine" to the last step, or "wsd" (warmup-stable-decay:
+                                       # constant lr, then linear decay over the last decay_fraction of steps)
+    decay_fraction: float = 0.2        # wsd: share of steps spent decaying (Hägele et al. 2024: 0.2 matches cosine)
     warmup_steps: int | None = None    # None: 1% of steps, at least 1 (tiny runs need short warmups)
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -81,6 +88,10 @@ class CheckpointConfig:
     every_steps: int = 100             # save every N optimizer steps (and at the last step)
     keep: int = 2                      # checkpoints kept (a ZeRO checkpoint holds fp32 master + Adam: 16 B/param)
     resume_from: str | None = None     # a checkpoint dir (step_XXXXXX) to start from when the run has none yet
+    allow_mismatch: bool = False       # resume even if the data manifest, seed or global batch differ from the checkpoint's
+    reshard_timeout_s: int = 14400     # limit of a resharding conversion (another worker count or ZeRO stage), which
+                                       # runs no collective, so fault.hang_timeout_s does not bound it; 12.8b: ~200 GB
+    reshard_workers: int = 0           # ds_to_universal extract processes (merge: half); 0: the node's CPUs, at most 16
 
 
 @dataclass
@@ -92,10 +103,16 @@ class FaultConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2               # fixed worker count (ignored when min/max_workers are set)
-    min_workers: int | None = None     # elastic: run on anything between min and max workers
-    max_workers: int | None = None
-    use_gpu: bool = False
+    num_workers: int | None = None     # fixed worker count (ignored when min/max_workers are set); None: one per GPU
+                                       # of the cluster on GPUs (pretrain derives it), CPU_WORKERS on CPUs
+    min_workers: int | None = None     # elastic: run on anything between min and max workers (max None: the
+    max_workers: int | None = None     # cluster's GPUs); the memory plan must fit at min_workers
+    use_gpu: bool | None = None        # train on GPUs (CUDA, NCCL, bf16); None: when the Ray cluster has GPU nodes
+                                       # (ray.nodes() of the cluster, not the driver's devices)
+    gpu_type: str | None = None        # GPU the memory plan assumes (polyko.plan.PEAK_TFLOPS key or Ray accelerator
+                                       # type, e.g. a100-80gb, H100); None: the accelerator_type of the GPU nodes
+    simulate_gpus: bool = False        # dry runs/tests on a polyko.simcluster cluster: workers reserve its simulated
+                                       # GPUs but compute on CPU (gloo); refused on any other cluster
     cpus_per_worker: int = 1           # CPU threads per worker (torch.set_num_threads on CPU)
 
     @property
@@ -103,11 +120,15 @@ class ScalingConfig:
         return self.min_workers is not None or self.max_workers is not None
 
     def ray_num_workers(self) -> int | tuple[int, int]:
+        n = self.num_workers if self.num_workers is not None else CPU_WORKERS
         if not self.elastic:
-            return self.num_workers
+            return n
         lo = self.min_workers if self.min_workers is not None else 1
-        hi = self.max_workers if self.max_workers is not None else max(lo, self.num_workers)
+        hi = self.max_workers if self.max_workers is not None else max(lo, n)
         return (lo, hi)
+
+
+CPU_WORKERS = 2  # default worker count of a CPU run (one CPU slot each)
 
 
 @dataclass
@@ -139,9 +160,21 @@ class PretrainConfig:
             precision = "bf16" if gpu else "fp32"
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"deepspeed.precision must be auto, bf16 or fp32, got {precision!r}")
-        stage = ZERO_STAGE[size] if self.deepspeed.zero_stage is None else self.deepspeed.zero_stage
+        stage = self.deepspeed.zero_stage
+        if stage is None:  # bf16 without ZeRO would accumulate gradients in bf16 (below): stage 1 at least
+            stage = max(ZERO_STAGE[size], 1 if precision == "bf16" else 0)
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"deepspeed.zero_stage must be 0..3, got {stage}")
+        if stage == 0 and precision == "bf16":
+            # DeepSpeed runs bf16 without ZeRO through its fp16-style wrapper: gradients are accumulated and
+            # all-reduced in bf16 (an fp32 grad_accum_dtype raises NotImplementedError there). Stage 1 gives
+            # fp32 accumulation (BF16_Optimizer) at the same memory as stage 0 plus a sharded optimizer.
+            raise ValueError("deepspeed.zero_stage=0 with bf16 would accumulate gradients in bf16; use zero_stage >= 1 "
+                             "with bf16, or precision fp32 with zero_stage 0")
+        from polyko.model import INITS
+
+        if self.model.init not in INITS:
+            raise ValueError(f"model.init must be one of {INITS}, got {self.model.init!r}")
         if self.deepspeed.extra_json:
             try:
                 extra = json.loads(self.deepspeed.extra_json)
@@ -153,7 +186,7 @@ class PretrainConfig:
                                  "and batch.micro_batch (so it survives a worker-count change); set those instead")
         ac = self.model.activation_checkpointing
         if ac is None:
-            ac = gpu and PRESETS[size].hidden_size >= 2048
+            ac = bool(gpu) and PRESETS[size].hidden_size >= 2048
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.checkpoint.every_steps < 1 or self.checkpoint.keep < 1:
@@ -163,7 +196,7 @@ class PretrainConfig:
             lo, hi = sc.ray_num_workers()
             if not 1 <= lo <= hi:
                 raise ValueError(f"need 1 <= min_workers <= max_workers, got {lo}, {hi}")
-        elif sc.num_workers < 1:
+        elif sc.num_workers is not None and sc.num_workers < 1:
             raise ValueError(f"scaling.num_workers must be >= 1, got {sc.num_workers}")
         return replace(
             self,
@@ -180,15 +213,42 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How one optimizer step's ``global_batch`` sequences are split over ``world_size`` workers."""
+    """How one optimizer step's ``global_batch`` sequences are split over ``world_size`` workers.
+
+    Worker ``r`` takes ``count(r)`` = ``G // w`` (+1 for the first ``G % w`` workers) consecutive
+    positions (``polyko.train.data.worker_positions``) as ``grad_accum`` micro-batches of
+    ``micro_sizes(r)`` (sizes differ by at most one; a 0 is run as a zero-weight padded micro-batch).
+    Every worker runs the same ``grad_accum`` micro-steps, so DeepSpeed's per-micro-step and per-boundary
+    collectives (ZeRO-2/3 reduce-scatter in backward, ZeRO-3 all-gathers in forward) match on every rank.
+
+    Gradient: DeepSpeed divides each backward by ``grad_accum`` and averages the reduced gradient over
+    the ``w`` ranks, so scaling micro-batch ``j``'s mean loss by :meth:`loss_scale` ``= n_j * w * acc / G``
+    makes the step's gradient ``sum_samples grad(loss_i) / G``: the mean over the ``G`` sequences, the
+    same at every worker count (up to float summation order).
+    """
     global_batch: int   # sequences per optimizer step (all workers)
     world_size: int
-    micro_batch: int    # sequences per forward/backward on one worker
-    grad_accum: int     # micro-batches per worker per step
+    micro_batch: int    # largest micro-batch on any worker (sequences per forward/backward)
+    grad_accum: int     # micro-batches per worker per step (equal on every worker)
 
     @property
-    def per_worker(self) -> int:
-        return self.micro_batch * self.grad_accum
+    def even(self) -> bool:
+        """Every micro-batch of every worker has ``micro_batch`` sequences (no weighting needed)."""
+        return self.global_batch == self.micro_batch * self.grad_accum * self.world_size
+
+    def count(self, rank: int) -> int:
+        """Sequences worker ``rank`` takes per step."""
+        g, w = self.global_batch, self.world_size
+        return g // w + (1 if rank < g % w else 0)
+
+    def micro_sizes(self, rank: int) -> list[int]:
+        """Sizes of worker ``rank``'s ``grad_accum`` micro-batches (sum = ``count(rank)``)."""
+        n, a = self.count(rank), self.grad_accum
+        return [n // a + (1 if j < n % a else 0) for j in range(a)]
+
+    def loss_scale(self, n: int) -> float:
+        """Factor on a micro-batch's mean loss over ``n`` sequences (see the class docstring)."""
+        return n * self.world_size * self.grad_accum / self.global_batch
 
     @classmethod
     def derive(cls, global_batch_tokens: int, seq_len: int, world_size: int, max_micro_batch: int) -> "BatchLayout":
@@ -196,13 +256,15 @@ class BatchLayout:
             raise ValueError(f"batch.global_batch_tokens={global_batch_tokens} is not a multiple of the data's "
                              f"seq_len={seq_len}")
         g = global_batch_tokens // seq_len
-        if g % world_size:
-            raise ValueError(f"the global batch of {g} sequences ({global_batch_tokens} tokens) does not split over "
-                             f"{world_size} workers; choose a batch.global_batch_tokens divisible by "
-                             f"{world_size * seq_len}")
-        per = g // world_size
-        micro = max(d for d in range(1, min(per, max_micro_batch) + 1) if per % d == 0)
-        return cls(global_batch=g, world_size=world_size, micro_batch=micro, grad_accum=per // micro)
+        if not 1 <= world_size <= g:
+            raise ValueError(f"the global batch of {g} sequences ({global_batch_tokens} tokens) cannot be spread over "
+                             f"{world_size} workers: every worker needs at least one sequence per step; use at most "
+                             f"{g} workers or a larger batch.global_batch_tokens")
+        if max_micro_batch < 1:
+            raise ValueError(f"batch.micro_batch must be >= 1, got {max_micro_batch}")
+        per = -(-g // world_size)                 # the busiest worker's sequences
+        acc = -(-per // max_micro_batch)          # fewest micro-steps that keep every micro-batch <= max
+        return cls(global_batch=g, world_size=world_size, micro_batch=-(-per // acc), grad_accum=acc)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -213,9 +275,13 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout) -> dict[str, Any]:
-    """The DeepSpeed JSON for a resolved config at a given worker count (user JSON merged last)."""
+    """The DeepSpeed JSON for a resolved config at a given worker count (user JSON merged last).
+
+    DeepSpeed's batch keys must satisfy ``train_batch_size = micro * acc * world``; with an uneven split
+    they describe the largest micro-batch (``train_batch_size`` >= the true ``G``) and only size buffers and
+    throughput logs: the true per-sample weighting is the loop's (:meth:`BatchLayout.loss_scale`)."""
     ds: dict[str, Any] = {
-        "train_batch_size": layout.global_batch,
+        "train_batch_size": layout.micro_batch * layout.grad_accum * layout.world_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -239,13 +305,27 @@ def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout) -> dict[str, Any]
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:
-    """Linear warmup to ``optim.lr`` then cosine to ``lr * min_lr_ratio`` at the last step. A pure
-    function of the step: nothing to checkpoint, identical after any resume."""
+    """Linear warmup to ``optim.lr`` then cosine (or WSD, ``optim.schedule``) to ``lr * min_lr_ratio`` at the
+    last step. A pure function of the step: nothing to checkpoint, identical after any resume."""
     import math
 
     o = cfg.optim
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "wsd":
+        # Warmup-stable-decay: the loss at any step of the stable phase is that of a run that could still be
+        # decayed from there, so intermediate losses of different configs compare like final ones
+        # (what a sweep's early stopping needs); decay is linear to lr * min_lr_ratio at the last step.
+        if not 0.0 < o.decay_fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+        decay_steps = max(1, round(cfg.steps * o.decay_fraction))
+        decay_start = max(o.warmup_steps, cfg.steps - decay_steps)
+        if step < decay_start:
+            return o.lr
+        t = min(1.0, (step - decay_start + 1) / max(1, cfg.steps - decay_start))
+        return o.lr * (1.0 - (1.0 - o.min_lr_ratio) * t)
+    if o.schedule != "cosine":
+        raise ValueError(f"optim.schedule must be cosine or wsd, got {o.schedule!r}")
     span = max(1, cfg.steps - o.warmup_steps)
     t = min(1.0, (step - o.warmup_steps) / span)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))

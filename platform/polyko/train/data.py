@@ -4,10 +4,11 @@ The dataset is an endless stream of *positions* 0, 1, 2, ...; position ``p`` is 
 ``perm_e(p mod N)`` of epoch ``e = p // N``, where ``perm_e`` is a seeded pseudo-random permutation
 of ``range(N)`` (a keyed Feistel network with cycle walking: O(1) memory and time per index, so a
 billion-sequence dataset costs no permutation table). Optimizer step ``s`` consumes positions
-``[s*G, (s+1)*G)`` for a global batch of ``G`` sequences; worker ``r`` of ``w`` takes the slice
-``[s*G + r*G/w, s*G + (r+1)*G/w)``. The set of samples in a step is therefore independent of the
-worker count: resuming (also on a different number of workers) is "skip to step", with no sample
-repeated or skipped.
+``[s*G, (s+1)*G)`` for a global batch of ``G`` sequences; worker ``r`` of ``w`` takes the next
+``G // w`` positions (one more for the first ``G % w`` workers), so the ``w`` slices tile the step's
+range in rank order whether or not ``w`` divides ``G``. The set of samples in a step is therefore
+independent of the worker count: resuming (also on a different number of workers) is "skip to step",
+with no sample repeated or skipped.
 
 CPU check: ``python -c "from polyko.train.data import GlobalSampler as S; print(S(10, seed=0).indices(0, 10))"``
 """
@@ -80,10 +81,26 @@ class GlobalSampler:
 
 
 def worker_positions(step: int, rank: int, global_batch: int, world_size: int) -> tuple[int, int]:
-    """``(start, count)`` of the positions worker ``rank`` reads at optimizer ``step``."""
-    assert global_batch % world_size == 0
-    per = global_batch // world_size
-    return step * global_batch + rank * per, per
+    """``(start, count)`` of the positions worker ``rank`` reads at optimizer ``step``: consecutive slices
+    of ``G // w`` or ``G // w + 1`` positions (the larger ones first), tiling the step's ``G`` positions."""
+    assert 1 <= world_size <= global_batch and 0 <= rank < world_size, (rank, world_size, global_batch)
+    per, extra = divmod(global_batch, world_size)
+    return step * global_batch + rank * per + min(rank, extra), per + (1 if rank < extra else 0)
+
+
+# Manifest keys that define the token stream (paths and statistics do not: moved data is the same data).
+_IDENTITY_KEYS = ("format", "seq_len", "dtype", "num_sequences", "shards", "tokenizer_hash", "pack_key")
+
+
+def manifest_hash(data_path: str) -> str:
+    """Identity of a packed token dataset: the canonical-JSON hash of its manifest's identity keys (shards in
+    order with their row counts, seq_len, dtype, tokenizer hash, and the pipeline's ``pack_key`` -- itself a
+    hash of the input files, tokenizer and packing settings). Checkpoints record it; a resume on other
+    data is refused."""
+    from polyko.config import config_hash
+
+    m = read_manifest(resolve_tokens_dir(data_path))
+    return config_hash({k: m[k] for k in _IDENTITY_KEYS if k in m}, 16)
 
 
 def resolve_tokens_dir(path: str) -> str:

@@ -47,18 +47,20 @@ class MetricsSink:
     """Rank 0's writer. ``log(step, metrics)`` fans out to MLflow, Ray gauges, jsonl and stdout."""
 
     def __init__(self, *, run_id: str | None, tracking_uri: str | None, run_name: str, size: str,
-                 jsonl: str | Path | None):
+                 jsonl: str | Path | None, gauges: bool = True):
         self.run_id = run_id
         self.client = None
         if run_id and tracking_uri:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=tracking_uri)
-        from ray.util.metrics import Gauge
-
         self.tags = {"run": run_name, "size": size}
-        self.gauges = {k: Gauge(f"polyko_train_{k}", description=f"pretraining {k.replace('_', ' ')}",
-                                tag_keys=("run", "size")) for k in GAUGES}
+        self.gauges = {}
+        if gauges:  # off outside Ray (the loop in a plain torch.distributed world)
+            from ray.util.metrics import Gauge
+
+            self.gauges = {k: Gauge(f"polyko_train_{k}", description=f"pretraining {k.replace('_', ' ')}",
+                                    tag_keys=("run", "size")) for k in GAUGES}
         self.jsonl = Path(jsonl) if jsonl else None
         if self.jsonl:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,176 @@
+"""MinHash signatures and LSH banding for near-duplicate detection (pure numpy, no Ray).
+
+    from polyko.data.minhash import MinHasher, optimal_bands
+    h = MinHasher(num_perm=128, ngram=5, seed=42, bands=9, rows=13)
+    sig, ok = h.signatures(["첫 번째 문서", "두 번째 문서"])    # uint32 [2, 128], has-shingles mask
+    buckets = h.band_hashes(sig)                             # uint64 [2, 9]: one LSH bucket per band
+
+Canonical forms (the input is already NFKC-normalised and cleaned by ``polyko.data.clean``):
+* exact: whitespace runs collapsed to one space, ends stripped (so "a  b\\n" == "a b").
+* near:  all whitespace removed and lower-cased before shingling. Korean word spacing (띄어쓰기) is
+  notoriously inconsistent -- the North-Korean-orthography rewrites in our test data differ from the
+  originals mostly in spacing -- so spacing must not make two documents look different.
+Shingles are character ``ngram``-grams (default 5): one Hangul syllable block packs 2-3 jamo, so 5
+syllables carry about what 12-15 Latin letters do (~1.5-2 Korean words), specific enough that unrelated
+sentences share few shingles, short enough that a one-word edit changes only ~5 shingles.
+Documents shorter than ``ngram`` get one shingle (the whole text); empty ones take part in exact dedup only.
+
+Hashing: shingles are hashed with a polynomial rolling hash over Unicode code points (uint64,
+wrap-around) finalised with splitmix64 -- stable across processes and machines (never Python's salted
+``hash()``); permutation i is ``((a_i * x + b_i) mod (2^61 - 1)) & (2^32 - 1)`` with a_i, b_i < 2^32
+drawn from ``seed`` (datasketch's scheme; a, b, x < 2^32 keep ``a*x+b`` inside uint64 and the
+Mersenne modulus is a shift, a mask and an add). Bands x rows come from :func:`optimal_bands`, the
+minimiser of the weighted false-positive + false-negative areas of the LSH S-curve (datasketch's
+``_optimal_param``; ``threshold=0.8, num_perm=128`` gives 9 bands x 13 rows).
+Cost: ~2.5 ns per (shingle, permutation) on one core, i.e. ~0.3 us per character at num_perm=128.
+Run on a CPU: ``python -c "from polyko.data.minhash import *; print(optimal_bands(0.8, 128))"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+_MASK32 = np.uint64(0xFFFFFFFF)
+_S61 = np.uint64(61)
+_POLY = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the rolling hash is a bijection per step
+# Shingles per MinHash tile (see MinHasher.signatures).
+_CHUNK = 1 << 12
+
+
+def optimal_bands(threshold: float, num_perm: int, false_positive_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows) minimising w * FP + (1 - w) * FN, where FP = int_0^t P(s) ds and FN = int_t^1 1 - P(s) ds
+    are the areas of the LSH S-curve P(s) = 1 - (1 - s^r)^b on the wrong side of ``threshold``: the same
+    objective as datasketch's ``MinHashLSH._optimal_param`` (which integrates with scipy's quad; we use
+    a 2001-point Simpson rule per side, error < 1e-9 -- far below the gaps between candidates)."""
+    w = false_positive_weight
+    n = 2001  # odd: Simpson
+
+    def simpson(lo: float, hi: float, f) -> np.ndarray:
+        s = np.linspace(lo, hi, n)
+        y = f(s)
+        coef = np.ones(n)
+        coef[1:-1:2], coef[2:-1:2] = 4.0, 2.0
+        return (y * coef).sum(axis=-1) * (hi - lo) / (3 * (n - 1))
+
+    best, opt = math.inf, (0, 0)
+    for b in range(1, num_perm + 1):
+        r = np.arange(1, num_perm // b + 1, dtype=np.float64)[:, None]
+        fp = simpson(0.0, threshold, lambda s: 1 - (1 - s[None, :] ** r) ** b)
+        fn = simpson(threshold, 1.0, lambda s: (1 - s[None, :] ** r) ** b)
+        err = w * fp + (1 - w) * fn
+        i = int(np.argmin(err))
+        if err[i] < best:
+            best, opt = float(err[i]), (b, i + 1)
+    return opt
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (uint64 -> uint64, a bijection with full avalanche). Wraps mod 2^64."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def exact_canonical(text: str) -> str:
+    """The form exact dedup hashes: whitespace runs collapsed to one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def near_canonical(text: str, ignore_spaces: bool = True) -> str:
+    """The form near dedup shingles: lower-cased, whitespace removed (or collapsed), NULs dropped."""
+    return ("" if ignore_spaces else " ").join(text.replace("\x00", "").split()).lower()
+
+
+def exact_key(text: str) -> bytes:
+    """128-bit blake2b of the exact canonical form (64 bits would collide with ~3% odds at 1e9 docs)."""
+    return hashlib.blake2b(exact_canonical(text).encode("utf-8"), digest_size=16).digest()
+
+
+def shingles(text: str, ngram: int, ignore_spaces: bool = True) -> set[str]:
+    """The shingle set MinHash estimates Jaccard on (reference implementation for verification/tests)."""
+    t = near_canonical(text, ignore_spaces)
+    if not t:
+        return set()
+    if len(t) < ngram:
+        return {t}
+    return {t[i:i + ngram] for i in range(len(t) - ngram + 1)}
+
+
+def jaccard(a: str, b: str, ngram: int = 5, ignore_spaces: bool = True) -> float:
+    """True Jaccard similarity of two texts' shingle sets (0.0 when both are empty)."""
+    sa, sb = shingles(a, ngram, ignore_spaces), shingles(b, ngram, ignore_spaces)
+    return len(sa & sb) / len(sa | sb) if sa or sb else 0.0
+
+
+class MinHasher:
+    """Vectorised MinHash + LSH band hashes for a batch of texts. Picklable, plain numpy state."""
+
+    def __init__(self, *, num_perm: int, ngram: int, seed: int, bands: int, rows: int, ignore_spaces: bool = True):
+        assert bands * rows <= num_perm
+        self.num_perm, self.ngram, self.bands, self.rows = num_perm, ngram, bands, rows
+        self.ignore_spaces = ignore_spaces
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)[:, None]
+        self.b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)[:, None]
+        self.band_seed = _splitmix64(np.arange(bands, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 20))
+
+    def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(32-bit shingle hashes as uint64, shingle count per text). Hashes of text d are contiguous."""
+        n = self.ngram
+        canon = [near_canonical(t, self.ignore_spaces) for t in texts]
+        lens = np.fromiter((len(t) for t in canon), dtype=np.int64, count=len(canon))
+        counts = np.where(lens >= n, lens - n + 1, (lens > 0).astype(np.int64))
+        if counts.sum() == 0:
+            return np.zeros(0, np.uint64), counts
+        pad = "\x00" * (n - 1)  # texts shorter than n hash as text + NUL padding; NULs never occur in canon
+        cps = np.frombuffer((pad.join(canon) + pad).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        m = cps.size - n + 1
+        h = np.zeros(m, dtype=np.uint64)
+        for j in range(n):  # polynomial hash of every window, uint64 wrap-around
+            h = h * _POLY + cps[j:j + m]
+        starts = np.concatenate([[0], np.cumsum(lens + n - 1)[:-1]])
+        first = np.cumsum(counts) - counts
+        pos = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))
+        return _splitmix64(h[pos]) >> np.uint64(32), counts
+
+    def signatures(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(signatures uint32 [len(texts), num_perm], has_shingles bool). Empty texts get all-0xFFFFFFFF."""
+        x, counts = self.shingle_hashes(texts)
+        sig = np.full((len(texts), self.num_perm), 0xFFFFFFFF, dtype=np.uint32)
+        if x.size == 0:
+            return sig, counts > 0
+        doc_of = np.repeat(np.arange(len(texts)), counts)
+        # In-place uint64 passes over a num_perm x _CHUNK tile that stays in L2 (128 x 4096 x 8 B = 4 MB):
+        # ~7x faster than fresh temporaries; ~2.5 ns per (shingle, permutation) on one core.
+        y = np.empty((self.num_perm, _CHUNK), np.uint64)
+        t = np.empty_like(y)
+        for c0 in range(0, x.size, _CHUNK):
+            xs, docs = x[c0:c0 + _CHUNK], doc_of[c0:c0 + _CHUNK]
+            yy, tt = y[:, : xs.size], t[:, : xs.size]
+            np.multiply(self.a, xs[None, :], out=yy)  # a*x + b < 2^64 since a, b, x < 2^32
+            yy += self.b
+            # mod 2^61-1 by folding: (y & p) + (y >> 61) is congruent to y and < p + 8; the final
+            # conditional subtraction is skipped (it matters with probability < 2^-57 per value).
+            np.right_shift(yy, _S61, out=tt)
+            yy &= _MERSENNE
+            yy += tt
+            yy &= _MASK32
+            cuts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+            mins = np.minimum.reduceat(yy, cuts, axis=1).T.astype(np.uint32)
+            d = docs[cuts]  # unique within the chunk (each text's shingles are contiguous)
+            sig[d] = np.minimum(sig[d], mins)
+        return sig, counts > 0
+
+    def band_hashes(self, sig: np.ndarray) -> np.ndarray:
+        """uint64 [n, bands]: band k's hash of rows k*r..k*r+r-1, salted by k (buckets of different bands never mix)."""
+        v = sig[:, : self.bands * self.rows].astype(np.uint64).reshape(len(sig), self.bands, self.rows)
+        h = np.broadcast_to(self.band_seed, (len(sig), self.bands)).copy()
+        for j in range(self.rows):
+            h = _splitmix64(h ^ v[:, :, j])
+        return h
+
