@@ -7,12 +7,15 @@
     python jobs/pretrain.py --size 1.3b --gpu a100-80gb --num-workers 64 --set deepspeed.zero_stage=2 \
         --deepspeed-config ds_extra.json                     # GPU nodes autoscaled from zero: say type and count
     python jobs/pretrain.py --size 12.8b --plan --gpus 256 --gpu a100-80gb   # the plan's arithmetic only
+    python jobs/pretrain.py --config work/sweep/<hash>/best.json --size 1.3b   # a sweep's winner, at another size
 
 --data defaults to $POLYKO_DATA, else the token dataset under the work dir ($POLYKO_WORK_DIR/data/tokens, as
 `jobs/prepare_data.py --output $POLYKO_WORK_DIR/data --tokenizer ...` writes it); --tokenizer to the tokenizer the
 token manifest records (given, it is checked against the manifest). GPUs are used when the Ray cluster has GPU
 nodes, one worker per GPU unless --num-workers/--min-workers/--max-workers say otherwise; the memory plan gates
 the run (at the smallest worker count of an elastic range) and picks its ZeRO stage and micro-batch.
+--config FILE (JSON/YAML PretrainConfig, e.g. a sweep's best.json) is the starting point; flags given on the
+command line, then --set, override it.
 Without --ray-address or $RAY_ADDRESS (set by `ray job submit`) it starts a private local cluster.
 """
 
@@ -20,13 +23,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from polyko.config import apply_overrides
+from polyko.config import apply_overrides, load_config_file
 from polyko.train.config import PretrainConfig
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", help="model preset: tiny, 50m, 1.3b, 3.8b, 5.8b, 12.8b")
+    p.add_argument("--config", help="PretrainConfig JSON/YAML to start from (e.g. a sweep's best.json)")
+    p.add_argument("--size", help="model preset: tiny (default), 50m, 1.3b, 3.8b, 5.8b, 12.8b")
     p.add_argument("--data", help="packed tokens (DIR with manifest.json, or DIR/tokens); default: $POLYKO_DATA, "
                    "else the tokens under the work dir")
     p.add_argument("--tokenizer", help="tokenizer dir the tokens were made with; default: the one their manifest records")
@@ -53,17 +57,21 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=2048, help="--plan: sequence length")
     p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     a = p.parse_args(argv)
+    try:
+        base = load_config_file(PretrainConfig, a.config) if a.config else PretrainConfig()
+    except ValueError as e:
+        p.error(str(e))
 
     if a.plan:
         from polyko.plan import make_plan
 
-        cfg = PretrainConfig()
-        cfg.model.size = a.size
+        cfg = base
+        cfg.model.size = a.size or cfg.model.size
         cfg.scaling.use_gpu = True
         cfg = apply_overrides(cfg, a.set).resolved()
         gpu = a.gpu if a.gpu and a.gpu != "auto" else "a100-80gb"
         explicit_stage = any(s.startswith("deepspeed.zero_stage=") for s in a.set)  # else the plan picks one
-        plan = make_plan(a.size, gpus=a.gpus or 8, gpu=gpu, seq_len=a.seq_len,
+        plan = make_plan(cfg.model.size, gpus=a.gpus or 8, gpu=gpu, seq_len=a.seq_len,
                          global_batch_tokens=cfg.batch.global_batch_tokens,
                          zero_stage=cfg.deepspeed.zero_stage if explicit_stage else None,
                          stages=(1, 2, 3) if cfg.deepspeed.precision == "bf16" else (0, 1, 2, 3))
@@ -71,18 +79,22 @@ def main(argv=None) -> int:
         return 0 if plan.fits else 1
     if a.cpu and (a.gpu or a.simulated_gpus):
         p.error("--cpu contradicts --gpu/--simulated-gpus")
-    cfg = PretrainConfig()
-    cfg.model.size, cfg.model.init_from = a.size, a.init_from
-    cfg.data.path, cfg.data.tokenizer = a.data or "", a.tokenizer or ""
-    cfg.output = a.output
-    if a.steps:
-        cfg.steps = a.steps
-    cfg.scaling.num_workers = a.num_workers
-    cfg.scaling.min_workers, cfg.scaling.max_workers = a.min_workers, a.max_workers
-    cfg.scaling.use_gpu = False if a.cpu else (True if a.gpu else None)
-    cfg.scaling.gpu_type = a.gpu if a.gpu and a.gpu != "auto" else None
-    cfg.scaling.simulate_gpus = a.simulated_gpus
-    cfg.checkpoint.allow_mismatch = a.allow_mismatch
+    # Start from --config (or the defaults); a flag overrides the file only when it is given.
+    cfg = base
+    for value, section, name in ((a.size, cfg.model, "size"), (a.init_from, cfg.model, "init_from"),
+                                 (a.data, cfg.data, "path"), (a.tokenizer, cfg.data, "tokenizer"),
+                                 (a.output, cfg, "output"), (a.steps, cfg, "steps"),
+                                 (a.num_workers, cfg.scaling, "num_workers"),
+                                 (a.min_workers, cfg.scaling, "min_workers"),
+                                 (a.max_workers, cfg.scaling, "max_workers")):
+        if value is not None:
+            setattr(section, name, value)
+    if a.cpu or a.gpu:
+        cfg.scaling.use_gpu = bool(a.gpu)
+    if a.gpu and a.gpu != "auto":
+        cfg.scaling.gpu_type = a.gpu
+    cfg.scaling.simulate_gpus = cfg.scaling.simulate_gpus or a.simulated_gpus
+    cfg.checkpoint.allow_mismatch = cfg.checkpoint.allow_mismatch or a.allow_mismatch
     if a.deepspeed_config:
         cfg.deepspeed.extra_json = Path(a.deepspeed_config).read_text()
     cfg = apply_overrides(cfg, a.set)

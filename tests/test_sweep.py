@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from polyko.config import to_dict
 from polyko.sweep import SweepConfig, apply_values, default_config, load_config_file, load_sweep_file, parse_search
 from polyko.sweep.tune import FINAL_FILE, best_config, rungs, sweep, validate
 from polyko.train.config import PretrainConfig, lr_at
@@ -277,3 +278,20 @@ def test_sweep_job_rejects_bad_specs_with_exit_code_2(tmp_path, tokens_dir, poly
     assert job.main(common + ["--sweep-file", str(f)]) == 2
     assert "value 'x' does not fit optim.warmup_steps" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_pretrain_starts_from_a_config_file_and_flags_override_it(tmp_path):
+    """`jobs/pretrain.py --config best.json --size 1.3b`: the file is the base, a given flag wins, and a bad
+    file is exit 2 naming the field (checked with --plan: no cluster needed)."""
+    best = best_config(PretrainConfig(), {"optim.lr": 3e-3, "optim.schedule": "wsd"})
+    good = tmp_path / "best.json"
+    good.write_text(json.dumps(to_dict(best)))
+    job = [sys.executable, str(REPO / "jobs" / "pretrain.py")]
+    r = subprocess.run(job + ["--config", str(good), "--size", "1.3b", "--plan", "--gpus", "8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("polyko plan: 1.3b on 8 x"), r.stdout[:200]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"optim": {"lrx": 1}}))
+    r = subprocess.run(job + ["--config", str(bad), "--plan"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "lrx" in r.stderr and "bad.json" in r.stderr

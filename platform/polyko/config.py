@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from typing import Any, TypeVar
@@ -132,3 +133,34 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
         except json.JSONDecodeError:
             node[parts[-1]] = raw
     return from_dict(type(cfg), d)
+
+
+def load_config_file(cls: type[T], path: str | os.PathLike) -> T:
+    """A config dataclass from a JSON or YAML file (``.yaml``/``.yml``); unknown keys are a ``ValueError``.
+    Used for ``best.json`` (a full ``PretrainConfig``: ``jobs/pretrain.py --config``)."""
+    try:
+        return from_dict(cls, read_config_data(path))
+    except ValueError as e:
+        raise ValueError(f"config file {path}: {e}") from None
+
+
+def read_config_data(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a JSON or YAML config file (``ValueError`` for a missing or malformed file)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise ValueError(f"config file {p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

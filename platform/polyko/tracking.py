@@ -3,7 +3,7 @@ checkpoint, the pretraining run, the tokenizer and the data that produced it.
 
 Convention (documented in README "Tracking"):
   * experiment per stage: ``polyko-data``, ``polyko-tokenizer``, ``polyko-pretrain``, ``polyko-eval``
-    (``polyko-serve`` for serving, ``polyko-tune`` for sweeps). ``POLYKO_EXPERIMENT_PREFIX`` changes
+    (``polyko-serve`` for serving, ``polyko-sweep`` for sweeps). ``POLYKO_EXPERIMENT_PREFIX`` changes
     the ``polyko`` prefix (one prefix per project or user).
   * run name: ``<stage>-<config hash>`` unless the job is given ``--run-name``.
   * params: the job's whole config, flattened (``dedup.threshold``, ``optim.lr`` ...).
@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from polyko.config import config_hash, flatten
 
 RUN_MARKER = "polyko_run.json"
-STAGES = ("data", "tokenizer", "pretrain", "checkpoint", "eval", "serve", "tune")
+STAGES = ("data", "tokenizer", "pretrain", "checkpoint", "eval", "serve", "sweep")
 _MAX_PARAM_LEN = 6000  # MLflow 3 limit on a param value, characters
 
 

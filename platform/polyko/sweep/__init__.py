@@ -1,7 +1,8 @@
 """Sweeps that decide how to train the big models: Ray Tune over real Ray Train runs (``tune``), search
 spaces over ``PretrainConfig`` (``space``), and the scaling-law ladder (``ladder``)."""
 
-from polyko.sweep.space import Dimension, apply_values, load_config_file, parse_search
+from polyko.config import load_config_file
+from polyko.sweep.space import Dimension, apply_values, parse_search
 from polyko.sweep.tune import SchedulerConfig, SweepConfig, SweepResult, TrialSummary, default_config, \
     load_sweep_file, sweep
 

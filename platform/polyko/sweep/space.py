@@ -25,7 +25,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from polyko.config import flatten, from_dict, to_dict
@@ -204,32 +203,3 @@ def changed_fields(base: Any, cfg: Any) -> dict[str, Any]:
     """Flattened fields of ``cfg`` that differ from ``base`` (what a trial changed)."""
     a, b = flatten(base), flatten(cfg)
     return {k: v for k, v in b.items() if a.get(k) != v}
-
-
-def load_config_file(cls: type[T], path: str | Path) -> T:
-    """A config dataclass from a JSON or YAML file (``.yaml``/``.yml``); unknown keys are a ``ValueError``.
-    Used for ``best.json`` (a full ``PretrainConfig``: ``jobs/pretrain.py --config``)."""
-    try:
-        return from_dict(cls, read_config_data(path))
-    except ValueError as e:
-        raise ValueError(f"config file {path}: {e}") from None
-
-
-def read_config_data(path: str | Path) -> dict[str, Any]:
-    """The mapping in a JSON or YAML config file (``ValueError`` for a missing or malformed file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config file {p} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise ValueError(f"config file {p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {p}: expected a mapping at the top level, got {type(data).__name__}")
-    return data

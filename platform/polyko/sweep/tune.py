@@ -92,7 +92,7 @@ def default_config() -> SweepConfig:
 
 def load_sweep_file(path: str | Path) -> SweepConfig:
     """A YAML/JSON sweep file over :func:`default_config` (the file's keys win; unknown keys are errors)."""
-    from polyko.sweep.space import read_config_data
+    from polyko.config import read_config_data
 
     def merge(base: dict, top: dict) -> dict:
         return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
