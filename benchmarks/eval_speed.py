@@ -125,7 +125,7 @@ def main() -> None:
            "requests": n, "direct_seconds": round(secs, 2), "direct_requests_per_s": round(n / secs, 1),
            "direct_f1_avg": round(sum(f1s(res).values()) / 5, 4)}
     try:
-        import polyko.serve.app  # noqa: F401  (helper F's server; absent -> direct only)
+        import polyko.serve.app  # noqa: F401  (the serving app; absent -> direct only)
         have_serve = True
     except ImportError as e:
         have_serve, out["endpoint"] = False, f"skipped: polyko.serve not importable ({e})"

@@ -242,7 +242,7 @@ def _deepspeed_engine(spec, config, device, attn, ckpt, mb, build):
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                  ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
-    if device.type == "cpu":  # skip the shared-memory comm op JIT (stack-facts.md); training never uses it
+    if device.type == "cpu":  # skip the shared-memory comm op JIT (~35 s, needs a compiler); training never uses it
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         if "compile" in groups:
             if not cuda:
                 records.append(dict(group="compile", attn="sdpa", compile=True, **pick,
-                                    status="skipped: torch.compile on CPU fails in bf16 (stack-facts.md)"))
+                                    status="skipped: torch.compile on CPU fails in bf16"))
             else:
                 run("compile", [dict(**pick, attn="sdpa", compile=True)])
         if "flash2" in groups:

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 DASHBOARDS = REPO / "dashboards"
 
-# COMMON.md's fixed Prometheus metric names (ray.util.metrics names; Ray exports them with "ray_").
+# The project's fixed Prometheus metric names (ray.util.metrics names; Ray exports them with "ray_").
 TRAIN_GAUGES = ["polyko_train_loss", "polyko_train_lr", "polyko_train_grad_norm", "polyko_train_tokens_per_second",
                 "polyko_train_tflops", "polyko_train_mfu", "polyko_train_step_seconds",
                 "polyko_train_checkpoint_seconds", "polyko_train_step"]
@@ -320,7 +320,7 @@ def test_dashboards_are_valid_grafana_json_using_only_the_fixed_metric_names():
             names = set(METRIC_RE.findall(q))
             assert names, (name, q)
             unknown = names - EXPORTED
-            assert not unknown, f"{name}: metric names outside COMMON.md's list: {unknown} in {q}"
+            assert not unknown, f"{name}: metric names outside the project's list: {unknown} in {q}"
             used |= names
             for ref in re.findall(r"\$(\w+)", q):  # every $variable is defined (or a Grafana built-in)
                 assert ref in variables or ref.startswith("__"), (name, ref)

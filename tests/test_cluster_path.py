@@ -18,16 +18,13 @@ from polyko.train.config import (BatchConfig, CheckpointConfig, DataConfig, Deep
                                  ModelConfig, OptimConfig, PretrainConfig, ScalingConfig)
 from polyko.train.trainer import default_data, deploy, preflight, resolve_inputs, run_paths
 
-from train_helpers import make_tokens
+from train_helpers import make_work_dir
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, polyglot_tokenizer_dir, corpus_dir) -> Path:
     """A work dir laid out as `jobs/prepare_data.py --output <work dir>/data --tokenizer ...` leaves it."""
-    work = tmp_path_factory.mktemp("work")
-    (work / "data" / "tokens").mkdir(parents=True)
-    make_tokens(work / "data" / "tokens", polyglot_tokenizer_dir, corpus_dir, max_sequences=64)
-    return work
+    return make_work_dir(tmp_path_factory.mktemp("work"), polyglot_tokenizer_dir, corpus_dir, max_sequences=64)
 
 
 def test_data_and_tokenizer_default_to_the_prepared_tokens(prepared, polyglot_tokenizer_dir, shared_data,

@@ -25,7 +25,7 @@ import pytest
 from polyko.simcluster import SimCluster
 from polyko.train.metrics import read_jsonl
 
-from train_helpers import make_tokens
+from train_helpers import make_work_dir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +35,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, polyglot_tokenizer_dir, corpus_dir) -> Path:
     """A work dir with prepared tokens at <work dir>/data/tokens (the defaults of --data/--tokenizer)."""
-    wd = tmp_path_factory.mktemp("simwork")
-    (wd / "data" / "tokens").mkdir(parents=True)
-    make_tokens(wd / "data" / "tokens", polyglot_tokenizer_dir, corpus_dir, max_sequences=96)
-    return wd
+    return make_work_dir(tmp_path_factory.mktemp("simwork"), polyglot_tokenizer_dir, corpus_dir, max_sequences=96)
 
 
 def _driver(cluster: SimCluster, args: list[str], work: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:

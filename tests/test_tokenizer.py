@@ -46,7 +46,7 @@ def _read_jsonl(path: Path, n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cleaned(tmp_path_factory, corpus_dir) -> Path:
-    """Cleaned-corpus Parquet (id, text, source) like helper A2's pipeline writes, 2 files."""
+    """Cleaned-corpus Parquet (id, text, source) like the data pipeline writes, 2 files."""
     root = tmp_path_factory.mktemp("cleaned")
     klue = _read_jsonl(corpus_dir / "klue_dev_sentences" / "klue_dev_sentences.jsonl", N_PER_SOURCE)
     nsmc = _read_jsonl(corpus_dir / "nsmc_raw_sample" / "nsmc_raw_sample.part00.jsonl", N_PER_SOURCE)

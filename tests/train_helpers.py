@@ -13,6 +13,14 @@ from polyko.data.shards import token_dtype, write_manifest, write_shard
 from polyko.model import ENDOFTEXT_ID
 
 
+def make_work_dir(root: Path, tokenizer_dir: Path, corpus_dir: Path, *, max_sequences: int) -> Path:
+    """``root`` laid out as `jobs/prepare_data.py --output <root>/data --tokenizer ...` leaves it (tokens at
+    ``<root>/data/tokens``: what ``--data``/``--tokenizer`` default to with ``POLYKO_WORK_DIR=<root>``)."""
+    (root / "data" / "tokens").mkdir(parents=True)
+    make_tokens(root / "data" / "tokens", tokenizer_dir, corpus_dir, max_sequences=max_sequences)
+    return root
+
+
 def make_tokens(out: Path, tokenizer_dir: Path, corpus_dir: Path, *, seq_len: int = 64, max_sequences: int = 384,
                 sequences_per_shard: int = 100) -> Path:
     """Tokenize news documents, append ``<|endoftext|>`` per document, pack into ``seq_len`` rows."""
