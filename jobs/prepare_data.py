@@ -6,7 +6,8 @@
         --decontaminate /data/kobest                  # drop documents overlapping KoBEST test/validation items
 
 Writes DIR/cleaned (Parquet key/id/text/source), DIR/rejected (bad input, raw bytes), DIR/contaminated
-(documents overlapping a benchmark item, the item named), DIR/stats.json and, with --tokenizer, DIR/tokens. Rerunning a finished config does nothing; see polyko.data.pipeline.
+(documents overlapping a benchmark item, the item named), DIR/stats.json and, with --tokenizer, DIR/tokens
+and DIR/validation (--validation-share of the documents, by key hash; 0 = none). Rerunning a finished config does nothing; see polyko.data.pipeline.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory: also pack DIR/tokens")
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--validation-share", type=float, default=PipelineConfig.validation_share,
+                   help="share of documents held out (by a hash of each document's unique key) and packed into "
+                   "DIR/validation for validation loss / bits per byte; 0 disables (default %(default)s)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     p.add_argument("--decontaminate", action="append", default=[], metavar="DIR",
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     cfg = PipelineConfig(output=args.output, inputs=tuple(args.input), tokenizer=args.tokenizer,
-                         seq_len=args.seq_len, ray_address=args.ray_address, run_name=args.run_name)
+                         seq_len=args.seq_len, validation_share=args.validation_share, ray_address=args.ray_address, run_name=args.run_name)
     cfg.read.text_field, cfg.read.id_field = args.text_field, args.id_field
     cfg.decontam.benchmarks = tuple(args.decontaminate)
     cfg = apply_overrides(cfg, args.set)

@@ -1,5 +1,5 @@
-"""Packing a cleaned corpus into token shards: every document + <|endoftext|> in order, exact
-manifest bookkeeping, O(1) random access, byte-identical output whatever the worker count (a real
+"""Packing a cleaned corpus into token shards: every document + <|endoftext|> in order within its
+source, rows of one source each, exact manifest bookkeeping, O(1) random access, byte-identical output whatever the worker count (a real
 local Ray cluster vs. in-process), idempotent reruns. Tokenizer: the released Polyglot-Ko one."""
 
 from __future__ import annotations
@@ -77,45 +77,62 @@ def _shard_digest(out: Path) -> str:
     return h.hexdigest()
 
 
-def test_pack_single_stream_in_order(tmp_path, cleaned, polyglot_tokenizer_dir):
+def _source_tokens(out: Path) -> dict[str, np.ndarray]:
+    """Each source's rows, concatenated in global order (shards name their single source)."""
+    ts, acc, row = TokenShards(out), {}, 0
+    for sh in read_manifest(out)["shards"]:
+        acc.setdefault(sh["source"], []).extend(ts[i] for i in range(row, row + sh["num_sequences"]))
+        row += sh["num_sequences"]
+    return {k: np.concatenate(v).astype(np.int64) for k, v in acc.items()}
+
+
+def test_pack_one_stream_per_source_in_order(tmp_path, cleaned, polyglot_tokenizer_dir):
     out = tmp_path / "tokens"
     m = pack_corpus(cleaned, polyglot_tokenizer_dir, out, seq_len=SEQ, shard_tokens=SEQ * 50, workers=0)
     tok = load_tokenizer(polyglot_tokenizer_dir)
     rows = [r for r in _ordered_docs(cleaned) if r["text"]]
-    expected = _stream(tok, [r["text"] for r in rows])
+    sources = sorted({r["source"] for r in rows})
+    expected = {s: _stream(tok, [r["text"] for r in rows if r["source"] == s]) for s in sources}
 
     assert m == read_manifest(out)
-    assert m["dtype"] == "uint16" and m["seq_len"] == SEQ and m["eos_id"] == EOS
+    assert m["dtype"] == "uint16" and m["seq_len"] == SEQ and m["eos_id"] == EOS and m["role"] == "train"
     assert m["vocab_size"] == 30003 and m["tokenizer_hash"] == tokenizer_hash(polyglot_tokenizer_dir)
     assert m["documents"] == len(rows) and m["documents_skipped_empty"] == 2
-    assert m["tokens_input"] == len(expected)
-    assert m["tokens_total"] == m["num_sequences"] * SEQ == len(expected) // SEQ * SEQ
-    assert m["tokens_dropped"] == len(expected) % SEQ
-    assert len(m["chunks"]) == 1 and len(m["shards"]) > 3      # one stream, several shard files
-    per_src = {}
-    for r in rows:
-        per_src[r["source"]] = per_src.get(r["source"], 0) + len(tok.encode(r["text"], add_special_tokens=False).ids) + 1
-    assert m["tokens_per_source"] == per_src
-    assert m["documents_per_source"] == {s: sum(r["source"] == s for r in rows) for s in per_src}
+    assert m["tokens_input"] == sum(len(e) for e in expected.values())
+    assert m["tokens_total"] == m["num_sequences"] * SEQ == sum(len(e) // SEQ * SEQ for e in expected.values())
+    assert m["tokens_dropped"] == sum(len(e) % SEQ for e in expected.values())
+    assert len(m["chunks"]) == 1 and len(m["shards"]) > 3      # one chunk, several shard files
+    assert m["tokens_per_source"] == {s: len(e) for s, e in expected.items()}
+    assert m["rows_per_source"] == {s: len(e) // SEQ for s, e in expected.items()}
+    assert m["documents_per_source"] == {s: sum(r["source"] == s for r in rows) for s in sources}
+    assert m["validation"] is None and m["pack"]["layout"] == 2
+    for s in sources:   # bytes: the text's UTF-8 bytes, pro-rated for the dropped row-end tokens
+        p = m["per_source"][s]
+        text_bytes = sum(len(r["text"].encode()) for r in rows if r["source"] == s)
+        assert p["text_bytes"] == text_bytes and p["tokens"] == p["rows"] * SEQ
+        assert p["bytes"] == round(text_bytes * p["tokens"] / p["tokens_input"])
 
-    got = _all_tokens(out)
-    assert np.array_equal(got, expected[:m["tokens_total"]])
-    # decode back: documents in order, each followed by <|endoftext|>
-    cuts = np.flatnonzero(got == EOS)
-    ends = np.cumsum([per_doc + 1 for per_doc in (len(e.ids) for e in tok.encode_batch(
-        [r["text"] for r in rows], add_special_tokens=False))]) - 1
-    assert np.array_equal(cuts, ends[ends < m["tokens_total"]])   # one eos per document, at its end
-    start = 0
-    for r, c in zip(rows, cuts):
-        assert tok.decode(got[start:c].tolist(), skip_special_tokens=False) == r["text"]
-        start = c + 1
+    got = _source_tokens(out)
+    assert sorted(got) == sources
+    for s in sources:
+        assert np.array_equal(got[s], expected[s][:len(got[s])])
+        # decode back: the source's documents in order, each followed by <|endoftext|>
+        docs = [r["text"] for r in rows if r["source"] == s]
+        cuts = np.flatnonzero(got[s] == EOS)
+        ends = np.cumsum([len(e.ids) + 1 for e in tok.encode_batch(docs, add_special_tokens=False)]) - 1
+        assert np.array_equal(cuts, ends[ends < len(got[s])])   # one eos per document, at its end
+        start = 0
+        for text, c in zip(docs, cuts):
+            assert tok.decode(got[s][start:c].tolist(), skip_special_tokens=False) == text
+            start = c + 1
 
     ts = TokenShards(out)
     assert len(ts) == m["num_sequences"] and ts[0].dtype == np.uint16
+    flat = np.concatenate([ts[i] for i in range(len(ts))]).astype(np.int64)
     for i in np.random.default_rng(0).integers(0, len(ts), 20):
-        assert np.array_equal(ts[int(i)], got[i * SEQ:(i + 1) * SEQ])
+        assert np.array_equal(ts[int(i)], flat[i * SEQ:(i + 1) * SEQ])
     b = ts.batch([3, 0, len(ts) - 1])
-    assert b.dtype == np.int64 and b.shape == (3, SEQ) and np.array_equal(b[1], got[:SEQ])
+    assert b.dtype == np.int64 and b.shape == (3, SEQ) and np.array_equal(b[1], flat[:SEQ])
     assert not (out / ".parts").exists()
 
 
@@ -132,17 +149,22 @@ def test_pack_is_deterministic_across_workers(tmp_path, cleaned, polyglot_tokeni
 
     tok = load_tokenizer(polyglot_tokenizer_dir)
     files = sorted(cleaned.rglob("*.parquet"), key=lambda p: p.relative_to(cleaned).as_posix())
-    expected = []
+    expected: dict[str, list[np.ndarray]] = {}
     for chunk in plan_chunks(files, kw["chunk_bytes"], "text"):
-        texts = []
+        docs = []
         for path, rgs in chunk:
             pf = pq.ParquetFile(path)
-            texts += [t for rg in rgs for t in pf.read_row_group(rg, columns=["text"]).column(0).to_pylist() if t]
-        s = _stream(tok, texts)
-        expected.append(s[:len(s) // SEQ * SEQ])
-    expected = np.concatenate(expected)
-    assert np.array_equal(_all_tokens(tmp_path / "w2"), expected)
-    assert m2["tokens_total"] == len(expected)
+            docs += [r for rg in rgs for r in pf.read_row_group(rg, columns=["text", "source"]).to_pylist() if r["text"]]
+        for src in sorted({r["source"] for r in docs}):   # per chunk: one stream per source, tail dropped
+            s = _stream(tok, [r["text"] for r in docs if r["source"] == src])
+            expected.setdefault(src, []).append(s[:len(s) // SEQ * SEQ])
+    expected = {k: np.concatenate(v) for k, v in expected.items()}
+    got = _source_tokens(tmp_path / "w2")
+    assert sorted(got) == sorted(expected)
+    for src in expected:
+        assert np.array_equal(got[src], expected[src])
+    assert sum(len(v) for v in expected.values()) == len(_all_tokens(tmp_path / "w2"))
+    assert m2["tokens_total"] == sum(len(v) for v in expected.values())
     assert m2["tokens_dropped"] == m2["tokens_input"] - m2["tokens_total"] > 0
     assert sum(c["num_sequences"] for c in m2["chunks"]) == m2["num_sequences"]
 

@@ -78,6 +78,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, _where=where)
     origin = typing.get_origin(tp)
+    if origin is dict:
+        return _coerce_dict(tp, value, where)
     if origin in (list, tuple):
         args = typing.get_args(tp)
         if isinstance(value, str):
@@ -101,6 +103,42 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _coerce_dict(tp: Any, value: Any, where: str) -> dict:
+    """A ``dict[K, V]`` field: a mapping, a JSON object string, ``@FILE`` (a JSON/YAML mapping) or
+    ``k=v,k=v``; keys and values coerced to ``K``/``V``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("@"):
+            try:
+                value = read_config_data(text[1:])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        elif text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not a JSON object: {e}") from None
+        elif text == "":
+            value = {}
+        else:
+            pairs = [p for p in text.split(",") if p.strip()]
+            if not all("=" in p for p in pairs):
+                raise ValueError(f"{where}: expected a mapping (JSON object, @file or k=v,k=v), got {value!r}")
+            value = dict(p.split("=", 1) for p in pairs)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mapping, got {value!r}")
+    args = typing.get_args(tp)
+    kt, vt = args if len(args) == 2 else (Any, Any)
+    return {_coerce(kt, k, f"{where}.{k}"): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    """The resolved type of field ``name`` of dataclass ``cls`` (None if ``cls`` is not a dataclass)."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    return _resolve_type(typing.get_type_hints(cls).get(name))
+
+
 def from_dict(cls: type[T], d: dict[str, Any], _where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict; unknown keys are a ``ValueError`` naming them."""
     hints = typing.get_type_hints(cls)
@@ -114,7 +152,11 @@ def from_dict(cls: type[T], d: dict[str, Any], _where: str = "") -> T:
 
 
 def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
-    """Apply ``key.sub=value`` strings (from ``--set``) to a dataclass config, returning a new one."""
+    """Apply ``key.sub=value`` strings (from ``--set``) to a dataclass config, returning a new one.
+
+    A ``dict[str, V]`` field takes keys below it (``--set data.mixture.news=0.3`` adds or replaces the
+    key ``news``; the rest of the dotted path is the key) or a whole mapping (``data.mixture={"news": 0.3}``,
+    ``data.mixture=news=0.3,web=0.7`` or ``data.mixture=@mix.yaml``)."""
     d = to_dict(cfg)
     for ov in overrides:
         if "=" not in ov:
@@ -122,10 +164,23 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
         key, raw = ov.split("=", 1)
         node = d
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        cls: Any = type(cfg)
+        for i, p in enumerate(parts[:-1]):
+            tp = _field_type(cls, p)
+            if typing.get_origin(tp) is dict and isinstance(node.get(p), dict):
+                # a mapping field: everything after it is one key (source names may hold dots)
+                node, parts = node[p], [*parts[:i + 1], ".".join(parts[i + 1:])]
+                cls = None
+                break
             if not isinstance(node.get(p), dict):
                 raise ValueError(f"override {ov!r}: {p!r} is not a config section")
-            node = node[p]
+            node, cls = node[p], tp
+        if cls is None:  # a key of a mapping field: added if new
+            try:
+                node[parts[-1]] = json.loads(raw)
+            except json.JSONDecodeError:
+                node[parts[-1]] = raw
+            continue
         if parts[-1] not in node:
             raise ValueError(f"override {ov!r}: unknown field {parts[-1]!r}; known: {sorted(node)}")
         try:

@@ -13,15 +13,34 @@ How (GPT-NeoX / Megatron-style packing, distributed and deterministic):
    The plan depends only on the input, never on the cluster.
 2. tokenize + pack: Ray Data ``map_batches`` runs a pool of ``workers`` actors, one chunk per call.
    Each actor streams its chunk's rows ``batch_size`` documents at a time through the Rust
-   ``Tokenizer.encode_batch_fast``, appends ``<|endoftext|>`` (id 2) to every document,
-   concatenates them into one token stream, cuts it into ``seq_len`` rows and writes part shards of
-   at most ``shard_tokens`` tokens (memory per actor ~ one shard). The last ``< seq_len`` tokens of a
-   chunk are dropped (``tokens_dropped``: at most seq_len-1 per chunk, ~0.003% at the defaults;
-   documents are never split across chunks, so chunks need no coordination).
-3. commit: the driver renames the parts to ``shard-00000.bin ...`` in chunk order and writes
-   ``manifest.json`` last. Same input + tokenizer + settings -> byte-identical shards, whatever
+   ``Tokenizer.encode_batch_fast``, appends ``<|endoftext|>`` (id 2) to every document and
+   concatenates them into **one token stream per source** (the ``source`` column), cuts each into
+   ``seq_len`` rows and writes part shards of at most ``shard_tokens`` tokens, each holding rows of a
+   single source: every packed row belongs to exactly one source, so a sampler can weight sources
+   (as Megatron-LM's blendable datasets and OLMo's per-source arrays do). Memory per actor is at
+   most one chunk's tokens (the per-source buffers together never exceed the chunk). The last
+   ``< seq_len`` tokens of each source's stream in a chunk are dropped (``tokens_dropped``: at most
+   seq_len-1 per source per chunk, ~0.003% per source at the defaults; documents are never split
+   across chunks, so chunks need no coordination).
+   **Validation split** (``validation_share > 0``): a document is held out when the 64-bit BLAKE2b
+   hash of its unique ``key`` is below ``validation_share * 2**64`` (independent of order, cluster
+   and the other documents), and -- so a source of at least ``validation_min_docs`` documents never
+   ends with an empty validation set -- also the document of smallest hash of each such source
+   (a driver pre-pass over the ``key``/``source`` columns only). Held-out documents go, packed the
+   same way, to ``validation_dir`` and never into ``out_dir``.
+3. commit: the driver renames the parts to ``shard-00000.bin ...`` in chunk order (each shard's
+   manifest entry names its ``source``) and writes ``manifest.json`` last (the validation one first). Same input + tokenizer + settings -> byte-identical shards, whatever
    the worker count or scheduling. Rerunning a committed output returns its manifest; a crashed
    run's leftovers (no manifest) are removed and redone.
+
+Per-source accounting in the manifest (training and validation alike): ``per_source[s]`` =
+``documents``, ``rows``, ``tokens`` (= rows * seq_len, what the rows hold), ``tokens_input`` (document
+tokens + one eos each, before the row-end drop), ``text_bytes`` (UTF-8 bytes of the documents'
+``text``) and ``bytes``: the text bytes the rows cover, i.e. ``text_bytes`` pro-rated for the dropped
+row-end tokens, per chunk and source: ``bytes = text_bytes * tokens / tokens_input``. Bits per byte
+of a source is then ``mean_loss_nats_per_token * tokens / (ln 2 * bytes)`` (the eos tokens' loss
+counts, their bytes are none; tokenizer-independent, as in the Pile and lm-eval's ``bits_per_byte``).
+``rows_per_source``, ``tokens_per_source`` (input tokens) and ``documents_per_source`` summarise it.
 
 A document longer than ``seq_len`` continues in the next row (standard packing: no padding, no
 truncation); sequence ``i`` is then one O(1) read with ``TokenShards(out_dir)[i]``.
@@ -30,6 +49,7 @@ truncation); sequence ``i`` is then one O(1) read with ``TokenShards(out_dir)[i]
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -44,6 +64,103 @@ from polyko.data.shards import MANIFEST, is_remote, read_manifest, shard_name, t
 
 PARTS_DIR = ".parts"
 ENDOFTEXT = "<|endoftext|>"
+# Bump when the packed layout changes (2: rows of one source each, optional validation split):
+# it is part of pack_key, so an older cache is re-packed rather than reused.
+PACK_LAYOUT = 2
+_VAL_SALT = b"polyko-validation-v1"
+
+
+def holdout_hash(key: Any) -> int:
+    """The 64-bit hash that decides a document's split (BLAKE2b of its key's text, salted)."""
+    return int.from_bytes(hashlib.blake2b(str(key).encode("utf-8"), digest_size=8, salt=_VAL_SALT[:16]).digest(),
+                          "little")
+
+
+def holdout_threshold(share: float) -> int:
+    """Documents with ``holdout_hash(key) < holdout_threshold(share)`` are validation documents."""
+    return min(1 << 64, int(share * (1 << 64)))
+
+
+def forced_holdouts(files: list[Path], key_column: str, source_column: str, share: float,
+                    min_docs: int) -> list[str]:
+    """Keys of the smallest-hash document of every source with >= ``min_docs`` documents whose hash
+    rule alone held out nothing: at least one validation document for every such source. Reads only
+    the key and source columns (a few bytes per document)."""
+    import pyarrow.parquet as pq
+
+    thr = holdout_threshold(share)
+    best: dict[str, tuple[int, str]] = {}
+    count: Counter[str] = Counter()
+    hit: set[str] = set()
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if key_column not in names:
+            raise ValueError(f"{f}: no {key_column!r} column to split validation documents by (columns: {names})")
+        cols = [key_column] + ([source_column] if source_column in names else [])
+        for batch in pf.iter_batches(columns=cols, batch_size=65536):
+            keys = batch.column(key_column).to_pylist()
+            srcs = batch.column(source_column).to_pylist() if len(cols) > 1 else [None] * len(keys)
+            for k, s in zip(keys, srcs):
+                s = s or "unknown"
+                h = holdout_hash(k)
+                count[s] += 1
+                if h < thr:
+                    hit.add(s)
+                b = best.get(s)
+                if b is None or (h, str(k)) < b:
+                    best[s] = (h, str(k))
+    return sorted(best[s][1] for s in best if count[s] >= min_docs and s not in hit)
+
+
+class _SourceStreams:
+    """One token stream per source, cut into ``seq_len`` rows, written as single-source part shards."""
+
+    def __init__(self, out: Path, prefix: str, seq_len: int, rows_per_shard: int):
+        # prefix: ``out`` relative to the parts dir (how the driver finds the part files)
+        self.out, self.prefix, self.seq_len, self.rows_per_shard = out, prefix, seq_len, rows_per_shard
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.n_pending: Counter[str] = Counter()
+        self.parts: list[dict[str, Any]] = []
+        self.tokens: Counter[str] = Counter()     # input tokens (documents + eos)
+        self.docs: Counter[str] = Counter()
+        self.text_bytes: Counter[str] = Counter()
+        self.rows: Counter[str] = Counter()
+
+    def add(self, source: str, ids: np.ndarray, docs: int, text_bytes: int) -> None:
+        self.pending.setdefault(source, []).append(ids)
+        self.n_pending[source] += int(ids.size)
+        self.tokens[source] += int(ids.size)
+        self.docs[source] += docs
+        self.text_bytes[source] += text_bytes
+        while self.n_pending[source] >= self.rows_per_shard * self.seq_len:
+            self._flush(source, self.rows_per_shard)
+
+    def _flush(self, source: str, n_rows: int) -> None:
+        pend = self.pending[source]
+        buf = np.concatenate(pend) if len(pend) > 1 else pend[0]
+        take = n_rows * self.seq_len
+        self.out.mkdir(parents=True, exist_ok=True)
+        entry = write_shard(self.out, len(self.parts), buf[:take].reshape(n_rows, self.seq_len))
+        self.parts.append({"file": f"{self.prefix}/{entry['file']}", "num_sequences": entry["num_sequences"],
+                           "source": source})
+        self.rows[source] += n_rows
+        rest = buf[take:]
+        self.pending[source] = [rest] if rest.size else []
+        self.n_pending[source] = int(rest.size)
+
+    def finish(self) -> dict[str, Any]:
+        for source in sorted(self.pending):   # sorted: the part order is a function of the input only
+            if self.n_pending[source] >= self.seq_len:
+                self._flush(source, self.n_pending[source] // self.seq_len)
+        per = {}
+        for s in sorted(self.tokens):
+            kept = self.rows[s] * self.seq_len
+            per[s] = {"documents": self.docs[s], "rows": self.rows[s], "tokens": kept,
+                      "tokens_input": self.tokens[s], "text_bytes": self.text_bytes[s],
+                      # bytes the kept rows cover: the text pro-rated for the dropped row-end tokens
+                      "bytes": self.text_bytes[s] * kept / self.tokens[s] if self.tokens[s] else 0.0}
+        return {"parts": self.parts, "per_source": per, "tokens_dropped": sum(self.n_pending.values())}
 
 
 def _parquet_files(cleaned_dir: str | os.PathLike) -> list[Path]:
@@ -92,7 +209,8 @@ class ChunkPacker:
     """Tokenizes and packs chunks. Built once per worker (loads the Rust tokenizer from its JSON)."""
 
     def __init__(self, tokenizer_dir: str, tokenizer_hash: str, parts_dir: str, seq_len: int,
-                 shard_tokens: int, text_column: str, source_column: str, batch_size: int):
+                 shard_tokens: int, text_column: str, source_column: str, batch_size: int,
+                 key_column: str = "key", validation_share: float = 0.0, forced_keys: tuple[str, ...] = ()):
         # One Ray worker = one core: the Rust tokenizer must not start a thread per core as well.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from polyko.tokenizer.bpe import load_tokenizer
@@ -109,6 +227,9 @@ class ChunkPacker:
         self.parts_dir, self.seq_len = Path(parts_dir), seq_len
         self.rows_per_shard = max(1, shard_tokens // seq_len)
         self.text_column, self.source_column, self.batch_size = text_column, source_column, batch_size
+        self.key_column, self.threshold = key_column, holdout_threshold(validation_share)
+        self.split = validation_share > 0
+        self.forced = frozenset(forced_keys)
 
     def pack(self, index: int, chunk: list[tuple[str, list[int]]]) -> dict[str, Any]:
         import pyarrow.parquet as pq
@@ -117,58 +238,46 @@ class ChunkPacker:
         if out.exists():  # a retried task: redo the chunk from scratch
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        shard_len = self.rows_per_shard * self.seq_len
-        pending: list[np.ndarray] = []
-        n_pending = 0
-        parts: list[dict[str, Any]] = []
-        docs = skipped = tokens = 0
-        tok_src: Counter[str] = Counter()
-        doc_src: Counter[str] = Counter()
-
-        def flush(n_rows: int) -> None:
-            nonlocal pending, n_pending
-            buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
-            take = n_rows * self.seq_len
-            entry = write_shard(out, len(parts), buf[:take].reshape(n_rows, self.seq_len))
-            parts.append({"file": f"{out.name}/{entry['file']}", "num_sequences": entry["num_sequences"]})
-            rest = buf[take:]
-            pending, n_pending = ([rest] if rest.size else []), int(rest.size)
+        train = _SourceStreams(out, out.name, self.seq_len, self.rows_per_shard)
+        val = _SourceStreams(out / "validation", f"{out.name}/validation", self.seq_len, self.rows_per_shard)
+        skipped = 0
 
         for path, row_groups in chunk:
             pf = pq.ParquetFile(path)
-            cols = [self.text_column] + ([self.source_column] if self.source_column in pf.schema_arrow.names else [])
+            names = pf.schema_arrow.names
+            has_src = self.source_column in names
+            cols = [self.text_column] + ([self.source_column] if has_src else [])
+            if self.split:
+                if self.key_column not in names:
+                    raise ValueError(f"{path}: no {self.key_column!r} column to split validation documents by")
+                cols.append(self.key_column)
             for batch in pf.iter_batches(batch_size=self.batch_size, row_groups=row_groups, columns=cols):
                 texts = batch.column(self.text_column).to_pylist()
-                sources = (batch.column(self.source_column).to_pylist() if len(cols) > 1
-                           else ["unknown"] * len(texts))
+                sources = batch.column(self.source_column).to_pylist() if has_src else ["unknown"] * len(texts)
+                keys = batch.column(self.key_column).to_pylist() if self.split else None
                 keep = [i for i, t in enumerate(texts) if t]
                 skipped += len(texts) - len(keep)
                 if not keep:
                     continue
-                if len(keep) < len(texts):
-                    texts, sources = [texts[i] for i in keep], [sources[i] for i in keep]
-                ids = [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
-                for seq in ids:
-                    seq.append(self.eos)
-                lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                n = int(lens.sum())
-                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=n)
-                for s, ln in zip(sources, lens.tolist()):
-                    tok_src[s or "unknown"] += ln
-                    doc_src[s or "unknown"] += 1
-                docs += len(ids)
-                tokens += n
-                pending.append(flat)
-                n_pending += n
-                while n_pending >= shard_len:
-                    flush(self.rows_per_shard)
-        rows = n_pending // self.seq_len
-        if rows:
-            flush(rows)
-        return {"index": index, "files": sorted({p for p, _ in chunk}), "documents": docs,
-                "documents_skipped_empty": skipped, "tokens": tokens, "tokens_dropped": n_pending,
-                "num_sequences": sum(p["num_sequences"] for p in parts), "parts": parts,
-                "tokens_per_source": dict(tok_src), "documents_per_source": dict(doc_src)}
+                ids = [e.ids for e in self.tok.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)]
+                # group the batch's documents per (split, source), keeping their order
+                groups: dict[tuple[bool, str], list[int]] = {}
+                for j, i in enumerate(keep):
+                    ids[j].append(self.eos)
+                    held = self.split and (holdout_hash(keys[i]) < self.threshold or str(keys[i]) in self.forced)
+                    groups.setdefault((held, sources[i] or "unknown"), []).append(j)
+                for (held, src), js in sorted(groups.items()):
+                    n = sum(len(ids[j]) for j in js)
+                    flat = np.fromiter(itertools.chain.from_iterable(ids[j] for j in js), dtype=self.dtype, count=n)
+                    nbytes = sum(len(texts[keep[j]].encode("utf-8")) for j in js)
+                    (val if held else train).add(src, flat, len(js), nbytes)
+        t, v = train.finish(), val.finish()
+        return {"index": index, "files": sorted({p for p, _ in chunk}),
+                "documents": sum(train.docs.values()), "documents_skipped_empty": skipped,
+                "tokens": sum(train.tokens.values()),
+                "tokens_dropped": t["tokens_dropped"], "num_sequences": sum(p["num_sequences"] for p in t["parts"]),
+                "parts": t["parts"], "per_source": t["per_source"],
+                "validation": {"parts": v["parts"], "per_source": v["per_source"], "tokens_dropped": v["tokens_dropped"]}}
 
 
 class _PackActor:
@@ -207,6 +316,8 @@ def _run_ray(chunks, kwargs, workers: int | None, ray_address: str | None) -> li
 def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 *, seq_len: int = 2048, chunk_bytes: int = 128 << 20, shard_tokens: int = 1 << 26,
                 batch_size: int = 1024, text_column: str = "text", source_column: str = "source",
+                key_column: str = "key", validation_dir: str | os.PathLike | None = None,
+                validation_share: float = 0.0, validation_min_docs: int = 200,
                 workers: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
     """Tokenize ``cleaned_dir`` (Parquet with ``text``/``source``) with ``tokenizer_dir`` and write
     packed ``seq_len`` sequences to ``out_dir``. Returns the manifest (also ``out_dir/manifest.json``).
@@ -216,6 +327,10 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
     of uint16). ``batch_size``: documents per ``encode_batch_fast`` call. ``workers``: Ray actors
     (default: every CPU of the cluster; 0 = in this process, no Ray). ``ray_address``: cluster to
     join when Ray is not initialised yet (else a private local one, shut down afterwards).
+    ``validation_share`` (0 = no split; e.g. 0.005): share of documents, chosen by the hash of
+    ``key_column``, packed into ``validation_dir`` instead (required then); every source with at least
+    ``validation_min_docs`` documents gets at least one (0 = no minimum). The training manifest's
+    ``validation`` entry summarises the split.
     """
     from polyko.config import config_hash
     from polyko.tokenizer.bpe import load_tokenizer, tokenizer_hash
@@ -224,8 +339,15 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
         raise ValueError(f"seq_len={seq_len} must be >= 2")
     if chunk_bytes < 1 or shard_tokens < seq_len or batch_size < 1:
         raise ValueError("chunk_bytes and batch_size must be >= 1 and shard_tokens >= seq_len")
-    for name, p in (("cleaned_dir", cleaned_dir), ("out_dir", out_dir)):
-        if is_remote(p):
+    if not 0.0 <= validation_share < 1.0:
+        raise ValueError(f"validation_share={validation_share} must be in [0, 1)")
+    if validation_min_docs < 0:
+        raise ValueError(f"validation_min_docs={validation_min_docs} must be >= 0")
+    split = validation_share > 0
+    if split and validation_dir is None:
+        raise ValueError("validation_share > 0 needs a validation_dir to write the held-out documents to")
+    for name, p in (("cleaned_dir", cleaned_dir), ("out_dir", out_dir), ("validation_dir", validation_dir)):
+        if p is not None and is_remote(p):
             raise ValueError(f"{name} {p}: packing reads and writes local or mounted paths (NFS, FUSE); "
                              "copy the shards to object storage afterwards, TokenShards reads them there")
     cleaned_dir, out_dir = (str(p).removeprefix("file://") for p in (cleaned_dir, out_dir))
@@ -238,27 +360,43 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tok_hash = tokenizer_hash(tokenizer_dir)
     settings = {"seq_len": seq_len, "chunk_bytes": chunk_bytes, "shard_tokens": shard_tokens,
-                "text_column": text_column, "source_column": source_column}
+                "text_column": text_column, "source_column": source_column, "layout": PACK_LAYOUT,
+                "validation_share": validation_share if split else 0.0,
+                **({"key_column": key_column, "validation_min_docs": validation_min_docs} if split else {})}
     key = config_hash({"tokenizer_hash": tok_hash, **settings,
                        "files": [[f.relative_to(root).as_posix(), f.stat().st_size] for f in files]})
 
     out = Path(out_dir)
+    vout = Path(str(validation_dir).removeprefix("file://")) if split else None
     if (out / MANIFEST).is_file():
         m = read_manifest(out)
-        if m.get("pack_key") == key:
+        if m.get("pack_key") == key and (vout is None or ((vout / MANIFEST).is_file()
+                                                          and read_manifest(vout).get("pack_key") == key)):
             return m  # already packed from this very input, tokenizer and settings
-        raise ValueError(f"{out} already holds a committed token dataset from other input/tokenizer/settings "
-                         f"(pack_key {m.get('pack_key')} != {key}); choose another out_dir or delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("shard-*.bin"), *out.glob("shard-*.bin.tmp")]:  # uncommitted leftovers
-        stale.unlink()
+        if m.get("pack_key") != key:
+            raise ValueError(f"{out} already holds a committed token dataset from other input/tokenizer/settings "
+                             f"(pack_key {m.get('pack_key')} != {key}); choose another out_dir or delete it")
+    if vout is not None and (vout / MANIFEST).is_file() and read_manifest(vout).get("pack_key") != key:
+        raise ValueError(f"{vout} already holds a validation set of another packing "
+                         f"(pack_key {read_manifest(vout).get('pack_key')} != {key}); choose another dir or delete it")
+    for d in (out, vout):
+        if d is None:
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        (d / MANIFEST).unlink(missing_ok=True)   # re-packed below: a stale commit must not survive
+        for stale in [*d.glob("shard-*.bin"), *d.glob("shard-*.bin.tmp")]:  # uncommitted leftovers
+            stale.unlink()
     parts_dir = out / PARTS_DIR
     shutil.rmtree(parts_dir, ignore_errors=True)
 
     chunks = plan_chunks(files, chunk_bytes, text_column)
+    forced = (tuple(forced_holdouts(files, key_column, source_column, validation_share, validation_min_docs))
+              if split and validation_min_docs > 0 else ())
     kwargs = {"tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokenizer_hash": tok_hash,
               "parts_dir": str(parts_dir.resolve()), "seq_len": seq_len, "shard_tokens": shard_tokens,
-              "text_column": text_column, "source_column": source_column, "batch_size": batch_size}
+              "text_column": text_column, "source_column": source_column, "batch_size": batch_size,
+              "key_column": key_column, "validation_share": validation_share if split else 0.0,
+              "forced_keys": forced}
     if workers == 0 or not chunks:
         packer = ChunkPacker(**kwargs)
         summaries = [packer.pack(i, c) for i, c in enumerate(chunks)]
@@ -267,26 +405,61 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
     summaries.sort(key=lambda s: s["index"])
     assert [s["index"] for s in summaries] == list(range(len(chunks))), "a chunk is missing"
 
-    shards, tok_src, doc_src = [], Counter(), Counter()
+    common = dict(seq_len=seq_len, dtype=token_dtype(vocab), tokenizer_hash=tok_hash,
+                  tokenizer_dir=str(Path(tokenizer_dir).resolve()), vocab_size=vocab, eos_id=eos,
+                  eos_token=ENDOFTEXT, source_dir=str(Path(cleaned_dir).resolve()), pack=settings, pack_key=key)
+    val_summary = None
+    if vout is not None:
+        vs = [s["validation"] for s in summaries]
+        vshards = _commit_parts(parts_dir, vout, vs)
+        vper = _fold_per_source(vs)
+        write_manifest(vout, vshards, **common, role="validation", documents=sum(p["documents"] for p in vper.values()),
+                       tokens_total=sum(p["tokens"] for p in vper.values()),
+                       tokens_dropped=sum(v["tokens_dropped"] for v in vs),
+                       rows_per_source={k: p["rows"] for k, p in vper.items()}, per_source=vper)
+        val_summary = {"dir": os.path.relpath(vout.resolve(), out.resolve()), "share": validation_share,
+                       "min_docs": validation_min_docs, "key_column": key_column, "forced_documents": len(forced),
+                       "documents_per_source": {k: p["documents"] for k, p in vper.items()},
+                       "rows_per_source": {k: p["rows"] for k, p in vper.items()}}
+    for s in summaries:
+        s.pop("validation", None)
+    shards = _commit_parts(parts_dir, out, summaries)
+    per = _fold_per_source(summaries)
+    for s in summaries:
+        s["files"] = [Path(os.path.relpath(f, root)).as_posix() for f in s["files"]]
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    num_sequences = sum(s["num_sequences"] for s in shards)
+    return write_manifest(
+        out, shards, **common, role="train",
+        documents=sum(s["documents"] for s in summaries),
+        documents_skipped_empty=sum(s["documents_skipped_empty"] for s in summaries),
+        documents_per_source={k: p["documents"] for k, p in per.items()},
+        tokens_total=num_sequences * seq_len, tokens_input=sum(s["tokens"] for s in summaries),
+        tokens_dropped=sum(s["tokens_dropped"] for s in summaries),
+        tokens_per_source={k: p["tokens_input"] for k, p in per.items()},
+        rows_per_source={k: p["rows"] for k, p in per.items()}, per_source=per,
+        validation=val_summary, chunks=summaries)
+
+
+def _commit_parts(parts_dir: Path, out: Path, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rename the chunks' part files to ``out/shard-NNNNN.bin`` in chunk order; their manifest entries."""
+    shards: list[dict[str, Any]] = []
     for s in summaries:
         for p in s.pop("parts"):
             name = shard_name(len(shards))
             os.replace(parts_dir / p["file"], out / name)
-            shards.append({"file": name, "num_sequences": p["num_sequences"]})
-        tok_src.update(s.pop("tokens_per_source"))
-        doc_src.update(s.pop("documents_per_source"))
-        s["files"] = [Path(os.path.relpath(f, root)).as_posix() for f in s["files"]]
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    num_sequences = sum(s["num_sequences"] for s in shards)
-    tokens_in = sum(s["tokens"] for s in summaries)
-    return write_manifest(
-        out, shards, seq_len=seq_len, dtype=token_dtype(vocab),
-        tokenizer_hash=tok_hash, tokenizer_dir=str(Path(tokenizer_dir).resolve()), vocab_size=vocab,
-        eos_id=eos, eos_token=ENDOFTEXT,
-        documents=sum(s["documents"] for s in summaries),
-        documents_skipped_empty=sum(s["documents_skipped_empty"] for s in summaries),
-        documents_per_source=dict(sorted(doc_src.items())),
-        tokens_total=num_sequences * seq_len, tokens_input=tokens_in,
-        tokens_dropped=sum(s["tokens_dropped"] for s in summaries),
-        tokens_per_source=dict(sorted(tok_src.items())),
-        source_dir=str(Path(cleaned_dir).resolve()), pack=settings, pack_key=key, chunks=summaries)
+            shards.append({"file": name, "num_sequences": p["num_sequences"], "source": p["source"]})
+    return shards
+
+
+def _fold_per_source(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Sum the chunks' ``per_source`` counts (``bytes`` rounded to whole bytes once, at the end)."""
+    acc: dict[str, dict[str, Any]] = {}
+    for s in summaries:
+        for src, c in s.pop("per_source").items():
+            a = acc.setdefault(src, {k: 0 for k in c})
+            for k, v in c.items():
+                a[k] += v
+    for a in acc.values():
+        a["bytes"] = int(round(a["bytes"]))
+    return dict(sorted(acc.items()))

@@ -19,7 +19,11 @@ finished, and a rerun skips what is done):
    of the whole corpus, keyed by the reader's unique ``key`` (file index + byte offset: inputs whose
    ``id`` fields collide -- every public dataset numbers from 0 or 1 -- are distinct documents);
    the survivors are ``DIR/cleaned/*.parquet`` (``key``, ``id``, ``text``, ``source``).
-3. **pack** (``DIR/tokens/``, with a tokenizer): :func:`polyko.data.pack.pack_corpus`.
+3. **pack** (``DIR/tokens/``, with a tokenizer): :func:`polyko.data.pack.pack_corpus`, rows of one
+   source each. ``validation_share`` (default 0.5%) of the documents, chosen per document by the hash
+   of its unique ``key`` (plus one per source of >= ``validation_min_docs`` documents), are held out and
+   packed the same way into ``DIR/validation/`` (never into DIR/tokens); its manifest counts rows,
+   tokens and covered UTF-8 bytes per source, for bits per byte.
 
 ``DIR/stats.json`` gathers documents/bytes in and out, drops per rule and per source, duplicates
 (exact/near), contaminated documents per benchmark (also per source), PII masks by kind, bad records
@@ -75,6 +79,12 @@ class PipelineConfig:
     """Tokenizer directory: when set, the cleaned corpus is packed into DIR/tokens."""
     seq_len: int = 2048
     """Tokens per packed sequence (Polyglot-Ko trained at 2048)."""
+    validation_share: float = 0.005
+    """Share of documents held out (by the hash of their unique key, so per source in expectation)
+    and packed into DIR/validation; 0 disables the split."""
+    validation_min_docs: int = 200
+    """A source with at least this many documents gets at least one validation document (its
+    smallest-hash one) even when the share alone would hold out none; 0 = no minimum."""
     read: ReadConfig = field(default_factory=ReadConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -103,6 +113,10 @@ class PipelineConfig:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if not self.output:
             raise ValueError("output directory must be set")
+        if not 0.0 <= self.validation_share < 1.0:
+            raise ValueError(f"validation_share must be in [0, 1), got {self.validation_share}")
+        if self.validation_min_docs < 0:
+            raise ValueError(f"validation_min_docs must be >= 0, got {self.validation_min_docs}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +334,11 @@ def plan_hashes(cfg: PipelineConfig, splits: list[dict[str, Any]], tok_hash: str
     dedup_h = config_hash({"clean": clean_h, "dedup": to_dict(cfg.dedup)})
     out = {"clean": clean_h, "dedup": dedup_h}
     if tok_hash is not None:
-        out["pack"] = config_hash({"dedup": dedup_h, "tokenizer": tok_hash, "seq_len": cfg.seq_len})
+        from polyko.data.pack import PACK_LAYOUT
+
+        out["pack"] = config_hash({"dedup": dedup_h, "tokenizer": tok_hash, "seq_len": cfg.seq_len,
+                                   "layout": PACK_LAYOUT, "validation_share": cfg.validation_share,
+                                   "validation_min_docs": cfg.validation_min_docs})
     return out
 
 
@@ -345,6 +363,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     done_rej = _claim(out, "rejected", hashes["clean"], cfg)
     done_clean = _claim(out, "cleaned", hashes["dedup"], cfg)
     done_pack = _claim(out, "tokens", hashes["pack"], cfg) if "pack" in hashes else True
+    if "pack" in hashes and cfg.validation_share > 0:
+        done_pack = _claim(out, "validation", hashes["pack"], cfg) and done_pack
     stats = out.read_json(STATS)
     if done_rej and done_clean and done_pack and stats and stats.get("hashes") == hashes:
         log.info("skipped: %s already holds the finished output of this config (%s)", cfg.output, hashes)
@@ -467,10 +487,17 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
             from polyko.data.pack import pack_corpus
 
             t0 = time.time()
-            manifest = pack_corpus(out.path("cleaned"), cfg.tokenizer, out.path("tokens"), seq_len=cfg.seq_len)
+            split = cfg.validation_share > 0
+            manifest = pack_corpus(out.path("cleaned"), cfg.tokenizer, out.path("tokens"), seq_len=cfg.seq_len,
+                                   validation_dir=out.path("validation") if split else None,
+                                   validation_share=cfg.validation_share,
+                                   validation_min_docs=cfg.validation_min_docs)
             timings["pack_s"] = round(time.time() - t0, 3)
-            out.write_json({"config_hash": hashes["pack"], "dedup_hash": hashes["dedup"], "tokenizer_hash": tok_hash,
-                            "seq_len": cfg.seq_len}, "tokens", MARKER)
+            marker = {"config_hash": hashes["pack"], "dedup_hash": hashes["dedup"], "tokenizer_hash": tok_hash,
+                      "seq_len": cfg.seq_len}
+            if split:
+                out.write_json({**marker, "role": "validation"}, "validation", MARKER)
+            out.write_json(marker, "tokens", MARKER)
 
     if not cfg.keep_intermediate:
         out.rm(stage, "docs")
@@ -546,6 +573,12 @@ def summarize(clean_rows: list[dict], dedup_rows: list[dict], out_rows: list[dic
     if manifest is not None:
         stats["tokens"] = {k: manifest.get(k) for k in ("num_sequences", "seq_len", "dtype", "num_tokens",
                                                         "tokens_dropped") if k in manifest}
+        if manifest.get("rows_per_source"):
+            stats["tokens"]["rows_per_source"] = manifest["rows_per_source"]
+        if manifest.get("validation"):
+            v = manifest["validation"]
+            stats["validation"] = {"share": v["share"], "documents_per_source": v["documents_per_source"],
+                                   "rows_per_source": v["rows_per_source"]}
     return stats
 
 

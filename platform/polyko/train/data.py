@@ -146,3 +146,258 @@ def open_tokens(data_path: str, tokenizer_dir: str) -> TokenShards:
     if max_id is not None and max_id >= vocab:
         raise ValueError(f"token data {path} has ids up to {max_id} but the tokenizer has only {vocab}")
     return shards
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: per-source rows, weighted mixtures, the validation split.
+#
+# ``polyko.data.pack`` (layout 2) writes shards of a single source each and names it in the manifest
+# (``shards[i].source``), so the rows of a source are a union of shard ranges.
+
+
+def source_rows(manifest: dict) -> dict[str, np.ndarray] | None:
+    """``{source: global row indices (int64, ascending)}`` from a manifest's per-shard ``source``;
+    None when the shards do not name one (data packed before per-source rows: re-pack it)."""
+    shards = manifest.get("shards", [])
+    if not shards or any("source" not in s for s in shards):
+        return None
+    acc: dict[str, list[np.ndarray]] = {}
+    row = 0
+    for s in shards:
+        n = int(s["num_sequences"])
+        if n:
+            acc.setdefault(s["source"], []).append(np.arange(row, row + n, dtype=np.int64))
+        row += n
+    return {k: np.concatenate(v) for k, v in sorted(acc.items())}
+
+
+def _source_seed(seed: int, source: str) -> int:
+    """A per-source sampler seed: independent permutations per source, a function of (seed, name)."""
+    return int.from_bytes(hashlib.sha256(f"polyko-source:{seed}:{source}".encode()).digest()[:8], "little")
+
+
+def _interleave(counts: list[int]) -> np.ndarray:
+    """A block of ``sum(counts)`` positions holding source ``s`` exactly ``counts[s]`` times, spread
+    evenly: source ``s``'s ``k``-th slot sits at the midpoint ``(k + 1/2) / counts[s]`` of the block, sorted
+    (ties by source order). Every prefix of the block then holds each source within one sample of its
+    share -- the same property as Megatron-LM's greedy ``build_blending_indices``, in closed form."""
+    times = np.concatenate([(2 * np.arange(c) + 1) / (2.0 * c) for c in counts if c])
+    src = np.concatenate([np.full(c, s, np.int64) for s, c in enumerate(counts) if c])
+    # equal fractions divide to equal doubles (correct rounding) and distinct ones (denominators
+    # < 2**26) differ by far more than an ulp: the order is exact and the same on every machine
+    return src[np.lexsort((src, times))]
+
+
+class MixtureSampler:
+    """Position -> global row index, sampling sources with given weights (same interface as
+    :class:`GlobalSampler`: ``indices(start, count)``, a pure function of position and seed).
+
+    Positions come in blocks of ``block`` positions. Every block holds source ``s`` exactly
+    ``counts[s]`` times (largest-remainder rounding of ``block * weight``; ``block`` is 1000, or more so
+    every weighted source gets at least one slot), in the fixed even interleave of :func:`_interleave`, so
+    the token share is exact at every block boundary and within one sample per source at any position.
+    Position ``p`` is the ``k``-th sample of its source ``s`` (``k = (p // block) * counts[s] + slot``),
+    which is row ``rows_s[perm(k)]`` of a per-source :class:`GlobalSampler` (own seed, a fresh permutation
+    per epoch of that source): epochs per source are ``samples / rows``. Resume = skip to the position.
+
+    ``mixture`` None or empty: sample in proportion to size, which is exactly :class:`GlobalSampler` over
+    all rows (today's order, unchanged). Weights are normalised; unknown names, negative or
+    non-finite weights and all-zero weights are a ValueError listing the sources.
+
+    CPU: ``MixtureSampler(read_manifest("work/data/tokens"), {"news": 0.8, "wiki": 0.2}, seed=0).indices(0, 8)``
+    """
+
+    BLOCK = 1000
+
+    def __init__(self, manifest: dict, mixture: dict[str, float] | None, seed: int, shuffle: bool = True):
+        self.manifest, self.seed, self.shuffle = manifest, int(seed), shuffle
+        self.n = int(manifest["num_sequences"])
+        self.seq_len = int(manifest["seq_len"])
+        rows = source_rows(manifest)
+        self.rows: dict[str, np.ndarray] = rows or {}
+        self.mixture = dict(mixture or {})
+        if not self.mixture:
+            self.sources = list(self.rows)
+            self.weights: dict[str, float] = {s: len(r) / self.n for s, r in self.rows.items()}
+            self._global = GlobalSampler(self.n, seed=seed, shuffle=shuffle)
+            self._report_cache = (0, np.zeros(len(self.sources), np.int64))
+            return
+        self._global = None
+        if rows is None:
+            raise ValueError("a source mixture needs token data whose shards name their source (rows of one "
+                             "source each): re-pack it with jobs/prepare_data.py")
+        known = sorted(rows)
+        unknown = sorted(set(self.mixture) - set(known))
+        if unknown:
+            raise ValueError(f"data.mixture names unknown source(s) {unknown}; the data's sources are {known}")
+        bad = {k: v for k, v in self.mixture.items() if not (np.isfinite(float(v)) and float(v) >= 0)}
+        if bad:
+            raise ValueError(f"data.mixture weights must be finite and >= 0, got {bad}; sources: {known}")
+        total = sum(float(v) for v in self.mixture.values())
+        if total <= 0:
+            raise ValueError(f"data.mixture weights are all zero ({self.mixture}); give at least one of {known} "
+                             "a positive weight")
+        self.sources = [s for s in known if float(self.mixture.get(s, 0.0)) > 0]
+        self.weights = {s: float(self.mixture[s]) / total for s in self.sources}
+        w = np.array([self.weights[s] for s in self.sources])
+        self.block = max(self.BLOCK, int(np.ceil(1.0 / w.min())))
+        raw = w * self.block
+        counts = np.floor(raw).astype(np.int64)
+        # largest remainder (ties: source order) -- the block is exact, every source >= 1 slot
+        for i in np.argsort(-(raw - counts), kind="stable")[: self.block - int(counts.sum())]:
+            counts[i] += 1
+        self.counts = counts
+        self.pattern = _interleave(counts.tolist())                       # slot -> source
+        self.slot_rank = np.zeros(self.block, np.int64)                   # slot -> rank within its source
+        for s in range(len(self.sources)):
+            sel = self.pattern == s
+            self.slot_rank[sel] = np.arange(int(sel.sum()))
+        self._per_source = [GlobalSampler(len(self.rows[s]), seed=_source_seed(self.seed, s), shuffle=shuffle)
+                            for s in self.sources]
+
+    def source_samples(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source index into ``self.sources``, that source's sample number) of positions [start, start+count)."""
+        pos = np.arange(start, start + count, dtype=np.int64)
+        if self._global is not None:
+            raise ValueError("a proportional sampler has no per-source sample numbers")
+        blk, slot = np.divmod(pos, self.block)
+        src = self.pattern[slot]
+        return src, blk * self.counts[src] + self.slot_rank[slot]
+
+    def indices(self, start: int, count: int) -> np.ndarray:
+        """Global row indices of positions ``[start, start + count)`` (int64)."""
+        if self._global is not None:
+            return self._global.indices(start, count)
+        src, k = self.source_samples(start, count)
+        out = np.empty(count, dtype=np.int64)
+        for s in np.unique(src):
+            sel = src == s
+            kk = k[sel]
+            lo = int(kk.min())
+            local = self._per_source[s].indices(lo, int(kk.max()) - lo + 1)[kk - lo]
+            out[sel] = self.rows[self.sources[s]][local]
+        return out
+
+    def samples_per_source(self, positions: int) -> dict[str, int]:
+        """Samples each source contributed to positions ``[0, positions)`` (exact)."""
+        if self._global is None:
+            full, rest = divmod(int(positions), self.block)
+            part = np.bincount(self.pattern[:rest], minlength=len(self.sources))
+            return {s: int(full * self.counts[i] + part[i]) for i, s in enumerate(self.sources)}
+        if not self.rows:
+            return {"all": int(positions)}
+        # proportional (GlobalSampler order): count the rows drawn; incremental, in bounded pieces
+        done, acc = self._report_cache
+        if positions < done:
+            done, acc = 0, np.zeros(len(self.sources), np.int64)
+        owner = np.empty(self.n, np.int64)
+        for i, s in enumerate(self.sources):
+            owner[self.rows[s]] = i
+        acc = acc.copy()
+        for a in range(done, int(positions), 1 << 20):
+            idx = self._global.indices(a, min(1 << 20, int(positions) - a))
+            acc += np.bincount(owner[idx], minlength=len(self.sources))
+        self._report_cache = (int(positions), acc)
+        return {s: int(acc[i]) for i, s in enumerate(self.sources)}
+
+
+def mixture_report(sampler: MixtureSampler, positions_consumed: int) -> dict[str, dict[str, float]]:
+    """Per source, after ``positions_consumed`` global positions: ``samples``, ``tokens`` (samples *
+    seq_len), ``share`` of the tokens seen, target ``weight``, ``rows`` and ``epochs`` (samples / rows:
+    above 1, the source is being repeated)."""
+    got = sampler.samples_per_source(positions_consumed)
+    total = max(1, sum(got.values()))
+    out = {}
+    for s, n in got.items():
+        rows = len(sampler.rows[s]) if s in sampler.rows else sampler.n
+        out[s] = {"samples": n, "tokens": n * sampler.seq_len, "share": n / total,
+                  "weight": sampler.weights.get(s, 1.0), "rows": rows, "epochs": n / rows if rows else 0.0}
+    return out
+
+
+def make_sampler(data_path: str, seed: int, shuffle: bool = True,
+                 mixture: dict[str, float] | None = None) -> MixtureSampler:
+    """The training loop's sampler for the token data at ``data_path`` (``DIR`` or ``DIR/tokens``)."""
+    return MixtureSampler(read_manifest(resolve_tokens_dir(data_path)), mixture, seed=seed, shuffle=shuffle)
+
+
+def resolve_validation_dir(data_path: str) -> str | None:
+    """The validation set packed beside the training tokens: ``DIR/validation`` for data at ``DIR`` or
+    ``DIR/tokens`` (the training manifest's ``validation.dir`` when it names one); None if absent."""
+    tokens = resolve_tokens_dir(data_path)
+    if is_remote(tokens):
+        import fsspec
+
+        cand = tokens.rstrip("/").rsplit("/", 1)[0] + "/validation"   # the pipeline's DIR/validation
+        fs, p = fsspec.core.url_to_fs(cand)
+        return cand if fs.exists(p.rstrip("/") + "/" + MANIFEST) else None
+    t = Path(tokens.removeprefix("file://"))
+    cands = []
+    try:
+        rel = (read_manifest(str(t)).get("validation") or {}).get("dir")
+        if rel:
+            cands.append((t / rel).resolve())
+    except ValueError:
+        pass
+    cands += [t.parent / "validation", t / "validation"]
+    for c in cands:
+        if (c / MANIFEST).is_file():
+            return str(c)
+    return None
+
+
+class ValidationSet:
+    """The held-out validation rows (``polyko.data.pack`` with ``validation_share > 0``).
+
+    ``shards``: :class:`TokenShards`; ``sources``: ``{source: row indices}``; ``tokens`` / ``bytes``:
+    ``{source: int}`` -- the tokens the rows hold and the UTF-8 text bytes they cover (the documents'
+    text pro-rated for the row-end tokens dropped, see ``polyko.data.pack``).
+    """
+
+    def __init__(self, shards: TokenShards):
+        self.shards = shards
+        self.manifest = shards.manifest
+        rows = source_rows(self.manifest) or {}
+        self.sources: dict[str, np.ndarray] = rows
+        per = self.manifest.get("per_source", {})
+        self.tokens = {s: int(per[s]["tokens"]) if s in per else len(r) * shards.seq_len for s, r in rows.items()}
+        self.bytes = {s: int(per.get(s, {}).get("bytes", 0)) for s in rows}
+
+    def eval_rows(self, max_rows_per_source: int | None, seed: int = 0) -> dict[str, np.ndarray]:
+        """A fixed subset per source, the same at every evaluation: ``min(max_rows, rows)`` rows drawn by
+        a seeded permutation (a function of ``seed`` and the source name), ascending. None = all rows."""
+        out = {}
+        for s, r in self.sources.items():
+            k = len(r) if max_rows_per_source is None else min(int(max_rows_per_source), len(r))
+            pick = GlobalSampler(len(r), seed=_source_seed(seed, s), shuffle=True).indices(0, k)
+            out[s] = np.sort(r[pick])
+        return out
+
+    def bits_per_byte(self, loss_per_token_by_source: dict[str, float]) -> dict[str, float]:
+        """``{source: bits per UTF-8 byte}`` from the mean loss (nats per predicted token) of each source:
+        ``loss * tokens / (ln 2 * bytes)`` with the source's tokens and bytes of the whole validation set
+        (an evaluation subset drawn uniformly from the rows estimates the same ratio)."""
+        out = {}
+        for s, loss in loss_per_token_by_source.items():
+            if s not in self.sources:
+                raise ValueError(f"no validation rows of source {s!r}; sources: {sorted(self.sources)}")
+            if self.bytes[s] <= 0:
+                raise ValueError(f"validation source {s!r} covers no text bytes")
+            out[s] = float(loss) * self.tokens[s] / (np.log(2.0) * self.bytes[s])
+        return out
+
+    def overall_bits_per_byte(self, loss_per_token_by_source: dict[str, float]) -> float:
+        """Bits per byte of the whole validation set: every source's nats (loss * its tokens) over all bytes."""
+        nats = sum(float(v) * self.tokens[s] for s, v in loss_per_token_by_source.items())
+        nbytes = sum(self.bytes[s] for s in loss_per_token_by_source)
+        return nats / (np.log(2.0) * nbytes)
+
+
+def open_validation(data_path: str, tokenizer_dir: str) -> ValidationSet | None:
+    """The validation set beside the training tokens (checked against ``tokenizer_dir`` like
+    :func:`open_tokens`); None when the data has none (packed without a split, or no rows held out)."""
+    vdir = resolve_validation_dir(data_path)
+    if vdir is None:
+        return None
+    vs = ValidationSet(open_tokens(vdir, tokenizer_dir))
+    return vs if len(vs.shards) else None
