@@ -123,7 +123,7 @@ def test_ray_job_submit_end_to_end(two_node_cluster, tokens_dir, polyglot_tokeni
     r = subprocess.run(cmd, capture_output=True, text=True, env=c["env"], timeout=900)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-5000:]
-    assert "[polyko] step 4 " in log and "succeeded" in log          # progress streamed to the job log
+    assert "[polyko] step 4/4 " in log and "succeeded" in log          # progress streamed to the job log
     assert (out / "hf" / "model.safetensors").is_file()
     assert sorted(read_jsonl(out / "metrics.jsonl")) == [1, 2, 3, 4]
 

@@ -55,18 +55,66 @@ def make_tokens(out: Path, tokenizer_dir: Path, corpus_dir: Path, *, seq_len: in
     return out
 
 
-def make_checkpoint(out: Path, tokens_dir: Path, tokenizer_dir: Path, *, workers: int = 2, zero_stage: int = 3,
-                    size: str = "tiny", steps: int = 2, every_steps: int | None = None, seq_len: int = 64) -> Path:
-    """A real DeepSpeed checkpoint (``out/run/checkpoints/step_XXXXXX``) written by the production train loop
-    in ``workers`` plain torch.distributed processes (``LocalContext``, gloo, no Ray): ``steps`` optimizer
-    steps of ``size`` at ZeRO ``zero_stage``, 4 sequences per step, checkpointed every ``every_steps`` (default:
-    at the end; the newest two kept). Losses in ``out/run/metrics.jsonl``. Returns the newest step directory."""
+def make_source_data(root: Path, tokenizer_dir: Path, corpus_dir: Path, *, seq_len: int = 64,
+                     docs: dict[str, int] | None = None, validation_share: float = 0.05) -> Path:
+    """``root/data`` as `jobs/prepare_data.py` packs it: per-source shards at ``root/data/tokens`` and the
+    held-out validation set at ``root/data/validation``, through the pipeline's own ``pack_corpus`` (in this
+    process), from two real sources of the shared corpus: KLUE sentences ("klue") and NSMC movie reviews
+    ("nsmc"), ``docs`` documents each. Returns ``root/data``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from polyko.data.pack import pack_corpus
+
+    docs = docs or {"klue": 3000, "nsmc": 3000}
+    files = {"klue": "klue_dev_sentences/klue_dev_sentences.jsonl", "nsmc": "nsmc_raw_sample/nsmc_raw_sample.part00.jsonl"}
+    rows = []
+    for name, n in docs.items():
+        with open(corpus_dir / files[name], encoding="utf-8") as f:
+            for i, line in zip(range(n), f):
+                text = json.loads(line).get("text") or ""
+                if text.strip():
+                    rows.append({"key": f"{name}:{i}", "text": text, "source": name})
+    (root / "cleaned").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "cleaned" / "part-0.parquet")
+    data = root / "data"
+    pack_corpus(root / "cleaned", tokenizer_dir, data / "tokens", seq_len=seq_len, shard_tokens=seq_len * 100,
+                workers=0, validation_dir=data / "validation", validation_share=validation_share,
+                validation_min_docs=200)
+    return data
+
+
+def run_local(cfg, *, workers: int, timeout_s: float = 900) -> list[Path]:
+    """Run the production train loop of ``cfg`` (``cfg.output`` set) in ``workers`` plain torch.distributed
+    processes (``LocalContext``, gloo, no Ray); returns the per-rank log files. Asserts every rank exits 0."""
     import os
     import subprocess
     import sys
 
     from polyko.cluster import free_port
     from polyko.config import to_dict
+
+    run = Path(cfg.output)
+    code = ("import json, sys; from polyko.train.loop import train_loop, LocalContext; "
+            "c = json.loads(sys.argv[1]); train_loop(c, LocalContext(c['output'], keep=c['keep']))")
+    arg = json.dumps({"config": to_dict(cfg.resolved()), "output": str(run), "run_name": run.name,
+                      "keep": cfg.checkpoint.keep})
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    run.mkdir(parents=True, exist_ok=True)
+    logs = [run / f"rank{r}.log" for r in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, arg], stdout=open(logs[r], "w"), stderr=subprocess.STDOUT,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(workers)]
+    assert all(p.wait(timeout_s) == 0 for p in procs), "\n".join(f.read_text()[-3000:] for f in logs)
+    return logs
+
+
+def make_checkpoint(out: Path, tokens_dir: Path, tokenizer_dir: Path, *, workers: int = 2, zero_stage: int = 3,
+                    size: str = "tiny", steps: int = 2, every_steps: int | None = None, seq_len: int = 64) -> Path:
+    """A real DeepSpeed checkpoint (``out/run/checkpoints/step_XXXXXX``) written by the production train loop
+    in ``workers`` plain torch.distributed processes (``LocalContext``, gloo, no Ray): ``steps`` optimizer
+    steps of ``size`` at ZeRO ``zero_stage``, 4 sequences per step, checkpointed every ``every_steps`` (default:
+    at the end; the newest two kept). Losses in ``out/run/metrics.jsonl``. Returns the newest step directory."""
     from polyko.train import checkpoint as ckpt_io
     from polyko.train.config import (BatchConfig, CheckpointConfig, DataConfig, DeepSpeedConfig, ModelConfig,
                                      OptimConfig, PretrainConfig, ScalingConfig)
@@ -78,14 +126,5 @@ def make_checkpoint(out: Path, tokens_dir: Path, tokenizer_dir: Path, *, workers
                          deepspeed=DeepSpeedConfig(zero_stage=zero_stage),
                          checkpoint=CheckpointConfig(every_steps=every_steps or steps, keep=2),
                          scaling=ScalingConfig(num_workers=workers), steps=steps, output=str(run), export=False)
-    code = ("import json, sys; from polyko.train.loop import train_loop, LocalContext; "
-            "c = json.loads(sys.argv[1]); train_loop(c, LocalContext(c['output']))")
-    arg = json.dumps({"config": to_dict(cfg.resolved()), "output": str(run), "run_name": "checkpoint"})
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    out.mkdir(parents=True, exist_ok=True)
-    logs = [out / f"rank{r}.log" for r in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-c", code, arg], stdout=open(logs[r], "w"), stderr=subprocess.STDOUT,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(workers)]
-    assert all(p.wait(900) == 0 for p in procs), "\n".join(f.read_text()[-3000:] for f in logs)
+    run_local(cfg, workers=workers)
     return ckpt_io.list_checkpoints(run / "checkpoints")[0]

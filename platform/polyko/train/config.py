@@ -22,6 +22,9 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from polyko.train.evaluator import CheckpointEvalConfig
+from polyko.train.guard import GuardConfig
+
 # Global batch in tokens per size. 1.3b/3.8b: Polyglot-Ko's ~2M tokens (1024 x 2048); 5.8b/12.8b: its
 # ~0.5M (256 x 2048). tiny/50m: small enough that a CPU step takes well under a second / a few seconds.
 GLOBAL_BATCH_TOKENS = {"tiny": 8_192, "50m": 16_384, "1.3b": 2_097_152, "3.8b": 2_097_152,
@@ -46,6 +49,9 @@ class ModelConfig:
     init_from: str | None = None       # HF checkpoint dir to continue from (weights only, step 0)
     activation_checkpointing: bool | None = None  # None: on for GPU sizes >= 1.3b (~30% more compute, far less memory)
     init: str = "neox"                 # neox: GPT-NeoX small_init/wang_init (Polyglot-Ko); hf: transformers' N(0, 0.02)
+    parametrization: str = "standard"  # standard, or mup: maximal update parametrization with base shapes from
+                                       # `tiny` (width-scaled init and per-group lr, 1/d attention;
+                                       # polyko.sweep.mup), so a learning rate swept on tiny holds at full width
 
 
 @dataclass
@@ -53,6 +59,10 @@ class DataConfig:
     path: str = ""                     # packed token dataset (a dir with manifest.json, or its parent with tokens/)
     tokenizer: str = ""                # tokenizer dir the tokens were made with (checked against the manifest)
     shuffle: bool = True               # epoch-wise seeded permutation of sequences
+    # Source weights ({"news": 0.3, "web": 0.7}, normalised): sample sources with these shares instead of in
+    # proportion to their size, in the same deterministic global order (polyko.train.data.MixtureSampler).
+    # Empty: proportional. A source left out is not sampled. `--set data.mixture.news=0.3` sets one.
+    mixture: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,7 +108,9 @@ class CheckpointConfig:
 class FaultConfig:
     max_failures: int = 3              # worker-group restarts before the run fails (-1: unlimited)
     hang_timeout_s: int = 600          # a collective blocked this long raises; Ray Train restarts the group
-    inject: str | None = None          # chaos testing: "crash@STEP:RANK", "exit@STEP:RANK" or "hang@STEP:RANK", fires once
+    inject: str | None = None          # chaos testing, comma-separated KIND@STEP[:RANK], each fires once per run dir:
+                                       # crash (raise), exit (kill the process), hang (block forever), spike (the
+                                       # step's loss and gradients x1000: a corrupt batch), nan (a non-finite loss)
 
 
 @dataclass
@@ -132,6 +144,21 @@ CPU_WORKERS = 2  # default worker count of a CPU run (one CPU slot each)
 
 
 @dataclass
+class TrainEvalConfig:
+    """Evaluation during training: held-out loss on the workers, KoBEST on each checkpoint beside them."""
+
+    # Validation loss and bits per byte, overall and per source, every N optimizer steps and at the last step,
+    # on the validation set `jobs/prepare_data.py` packs beside the tokens (0 = off; none packed = off).
+    every_steps: int = 100
+    # Validation rows per source (the same seeded subset every time; 0 = all). Cost: one forward per row,
+    # split over the workers: 64 rows of 2,048 tokens of 1.3b ~ 1 s on 8 A100s.
+    rows_per_source: int = 64
+    # KoBEST on checkpoints, in its own Ray task (polyko.train.evaluator). enabled None: on when a KoBEST copy
+    # is at hand (kobest_dir, $POLYKO_KOBEST_DIR, or the hub when online), else off with a note.
+    kobest: CheckpointEvalConfig = field(default_factory=lambda: CheckpointEvalConfig(enabled=None))
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +168,8 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # loss-spike / NaN guard (polyko.train.guard)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     steps: int = 1000                  # optimizer steps
     seed: int = 0                      # model init and data order
     output: str | None = None          # run directory; None: <work dir>/pretrain/<config hash>
@@ -191,6 +220,15 @@ class PretrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.checkpoint.every_steps < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+        if self.model.parametrization not in ("standard", "mup"):
+            raise ValueError(f"model.parametrization must be standard or mup, got {self.model.parametrization!r}")
+        if self.model.parametrization == "mup" and (self.model.init_from or stage == 3):
+            raise ValueError("model.parametrization=mup initialises the model itself, fully materialised: it "
+                             "cannot continue --init-from weights, and is not available at ZeRO-3 yet")
+        if self.eval.every_steps < 0 or self.eval.rows_per_source < 0:
+            raise ValueError(f"eval.every_steps and eval.rows_per_source must be >= 0, got {self.eval.every_steps}, "
+                             f"{self.eval.rows_per_source}")
+        parse_faults(self.fault.inject)
         sc = self.scaling
         if sc.elastic:
             lo, hi = sc.ray_num_workers()
@@ -302,6 +340,24 @@ def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout) -> dict[str, Any]
     if cfg.deepspeed.extra_json:
         ds = _merge(ds, json.loads(cfg.deepspeed.extra_json))
     return ds
+
+
+FAULT_KINDS = ("crash", "exit", "hang", "spike", "nan")
+
+
+def parse_faults(spec: str | None) -> list[tuple[str, int, int]]:
+    """``fault.inject`` as ``[(kind, step, rank)]`` (ValueError naming a malformed entry)."""
+    out = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        kind, at, where = item.partition("@")
+        s, _, r = where.partition(":")
+        if kind not in FAULT_KINDS or not at or not s.isdigit() or not (r.isdigit() or r == ""):
+            raise ValueError(f"fault.inject: {item!r} is not KIND@STEP[:RANK] with KIND one of {FAULT_KINDS}")
+        out.append((kind, int(s), int(r or 0)))
+    return out
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 class CheckpointEvalConfig:
     """KoBEST on every ``every``-th checkpoint during pretraining (see module doc)."""
 
-    enabled: bool = True
+    # None (pretraining's default): on when KoBEST data is at hand, decided by the driver (:func:`resolve_enabled`).
+    enabled: bool | None = True
     # "kobest" = all five, or some of boolq, copa, hellaswag, sentineg, wic.
     tasks: list[str] = field(default_factory=lambda: ["kobest"])
     shots: list[int] = field(default_factory=lambda: [0])
@@ -82,6 +83,25 @@ class CheckpointEvalConfig:
             raise ValueError("evaluate.limit >= 0, evaluate.every >= 1, evaluate.max_retries >= 0 and "
                              f"evaluate.timeout_s >= 0 required, got {self.limit}, {self.every}, "
                              f"{self.max_retries}, {self.timeout_s}")
+
+
+def resolve_enabled(cfg: CheckpointEvalConfig) -> tuple[CheckpointEvalConfig, str | None]:
+    """``enabled`` decided on the driver: None becomes True when KoBEST data resolves (a local copy, or the
+    hub when online), else False with the reason (a note for the user); True with no data is a ValueError."""
+    from dataclasses import replace
+
+    from polyko.eval import kobest
+
+    if cfg.enabled is False:
+        return cfg, None
+    try:
+        kobest.resolve_data(cfg.kobest_dir, cfg.tasks)
+    except ValueError as e:
+        if cfg.enabled:
+            raise ValueError(f"eval.kobest: {e}") from None
+        return replace(cfg, enabled=False), (f"KoBEST during training is off: {e} (eval.kobest.kobest_dir=DIR "
+                                             "turns it on; eval.kobest.enabled=false silences this)")
+    return replace(cfg, enabled=True), None
 
 
 def wants(cfg: CheckpointEvalConfig, step: int, every_steps: int, last_step: int | None = None) -> bool:

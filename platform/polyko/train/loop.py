@@ -26,13 +26,15 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from polyko.config import from_dict, to_dict
 from polyko.train import checkpoint as ckpt_io
-from polyko.train.config import BatchLayout, PretrainConfig, deepspeed_config, lr_at
+from polyko.train.config import BatchLayout, PretrainConfig, deepspeed_config, lr_at, parse_faults
+from polyko.train.guard import EVENTS_FILE
 
 
 def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None" = None) -> None:
@@ -41,7 +43,7 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
     import torch.distributed as dist
 
     cfg = from_dict(PretrainConfig, loop_cfg["config"])
-    ctx = ctx or RayContext()
+    ctx = ctx or RayContext(loop_cfg.get("checkpoint_root"))
     rank, world, local_rank = ctx.rank, ctx.world_size, ctx.local_rank
     out = Path(loop_cfg["output"])
 
@@ -49,12 +51,16 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
     device = setup_distributed(cfg, local_rank)
 
     # --- data ---------------------------------------------------------------------------------------
-    from polyko.train.data import GlobalSampler, manifest_hash, open_tokens, tokenizer_size, worker_positions
+    from polyko.train.data import make_sampler, manifest_hash, open_tokens, open_validation, tokenizer_size, \
+        worker_positions
 
     tokens = open_tokens(cfg.data.path, cfg.data.tokenizer)
     data_manifest = manifest_hash(cfg.data.path)
     seq_len = tokens.seq_len
-    sampler = GlobalSampler(len(tokens), seed=cfg.seed, shuffle=cfg.data.shuffle)
+    # Position -> row: a pure function of (seed, position), by source weights when data.mixture is set.
+    sampler = make_sampler(cfg.data.path, cfg.seed, shuffle=cfg.data.shuffle, mixture=cfg.data.mixture or None)
+    validation = open_validation(cfg.data.path, cfg.data.tokenizer) if cfg.eval.every_steps else None
+    val_rows = validation.eval_rows(cfg.eval.rows_per_source or None, seed=cfg.seed) if validation else None
     layout = BatchLayout.derive(cfg.batch.global_batch_tokens, seq_len, world, cfg.batch.micro_batch)
     ds_config = deepspeed_config(cfg, layout)
     # The checkpoint to continue, refused before anything is built if it was trained on other data/seed/batch.
@@ -90,6 +96,14 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
+    if cfg.model.parametrization == "mup":
+        from polyko.sweep.mup import apply_mup
+
+        # Re-initialised in μP (same seed on every rank), groups carry lr_mult: the step's lr is lr_at * lr_mult.
+        torch.manual_seed(cfg.seed)
+        groups = apply_mup(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    else:
+        groups = param_groups(model, cfg.optim.weight_decay)  # decay on matrices/embeddings (polyko.model.no_decay)
 
     # --- resume -------------------------------------------------------------------------------------
     load_dir = None
@@ -101,81 +115,159 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
 
-    # Weight decay on matrices and embeddings only (GPT-NeoX's groups, polyko.model.no_decay).
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    # The guard decides every step from the all-reduced loss and global grad norm: the same on every rank.
+    from polyko.train.guard import Guard, boundary_step, health_score, params_nonfinite, rollback_target, \
+        z_loss_term, RETENTION_SCORE
+
+    guard = Guard(cfg.guard, layout.global_batch)
     start_step = 0
     if found is not None:
         engine.load_checkpoint(str(load_dir), tag=ckpt_io.DS_TAG, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
         start_step = meta["step"]
+        state = (meta.get("guard") or {}).get("state")
+        after = _read_rollback(out, start_step)
+        if after is not None and (not state or after["rollbacks"] > state["rollbacks"]):
+            state = after  # the run rolled back to this checkpoint and stopped before its next one
+        if state:
+            guard.load_state_dict(state)  # windows, streak, skipped ranges: the same decisions as without the stop
         if rank == 0:
             print(f"[polyko] resumed from {found[0]} at step {start_step} "
                   f"(saved by {meta['world_size']} workers, now {world})", flush=True)
 
     # --- metrics ------------------------------------------------------------------------------------
-    from polyko.train.metrics import MetricsSink, accelerator_peak, flops_per_token
+    from polyko.train.metrics import MetricsSink, Progress, accelerator_peak, flops_per_token
 
-    sink = None
+    sink = progress = None
     if rank == 0:
         sink = MetricsSink(run_id=loop_cfg.get("run_id"), tracking_uri=loop_cfg.get("tracking_uri"),
                            run_name=loop_cfg["run_name"], size=cfg.model.size, jsonl=out / "metrics.jsonl",
                            gauges=ctx.ray)
+        progress = Progress(cfg.steps, start_step)
+    events_file = out / EVENTS_FILE
     fpt = flops_per_token(model_config, seq_len)
     _, peak = accelerator_peak(cfg.scaling.use_gpu)
     step_tokens = layout.global_batch * seq_len
+    faults = parse_faults(cfg.fault.inject)
 
     # --- steps --------------------------------------------------------------------------------------
-    last_ckpt_s = None
-    for step in range(start_step, cfg.steps):
-        _maybe_inject_fault(cfg.fault.inject, step, rank, out)
+    last_ckpt_s, last_ckpt_step, ckpt_due, stopped = None, (found[1]["step"] if found else None), False, None
+    step = start_step
+    while step < cfg.steps:
+        corrupt = _maybe_inject_fault(faults, step, rank, out)  # crash/exit/hang act here; spike/nan are returned
         t0 = time.perf_counter()
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 4096 + rank)  # RNG = f(seed, step, rank)
-        lr = lr_at(cfg, step)
+        lr = lr_at(cfg, step) * guard.lr_scale(step)  # re-warmed after a rollback
         for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        idx = sampler.indices(*worker_positions(step, rank, layout.global_batch, world))
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # μP: per-group multiplier
+        # Positions are the step's slice of the global order, shifted past every window a rollback skipped.
+        first, count = worker_positions(step, rank, layout.global_batch, world)
+        idx = sampler.indices(first + guard.sample_offset, count)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of per-sequence losses
-        at = 0
-        for n in layout.micro_sizes(rank):  # the same number of micro-steps on every rank
+        at, sizes = 0, layout.micro_sizes(rank)
+        for j, n in enumerate(sizes):  # the same number of micro-steps on every rank
             # n == 0 (only with micro_batch 1 and an uneven split): a zero-weight copy of a real sequence keeps
             # this rank's forward/backward collectives in step with the others.
             micro = idx[at:at + n] if n else idx[:1]
             at += n
             x = torch.from_numpy(tokens.batch(micro)).to(device)
-            loss = engine(input_ids=x, labels=x).loss  # HF shifts labels: mean next-token loss over the micro-batch
-            engine.backward(loss if layout.even else loss * layout.loss_scale(n))
-            engine.step()
+            res = engine(input_ids=x, labels=x)
+            loss = res.loss  # HF shifts labels: mean next-token loss over the micro-batch
+            if corrupt:  # chaos: a corrupt batch (x1000) or a non-finite loss, on this rank
+                loss = loss * (1000.0 if corrupt == "spike" else float("nan"))
+            total = loss + z_loss_term(res.logits, cfg.guard.z_loss) if cfg.guard.z_loss else loss
+            engine.backward(total if layout.even else total * layout.loss_scale(n))
             loss_sum += loss.detach().double() * n
+            if j < len(sizes) - 1:
+                engine.step()  # accumulation micro-step: DeepSpeed applies nothing until the boundary
         dist.all_reduce(loss_sum)
-        step_loss = (loss_sum / layout.global_batch).item()
-        grad_norm = engine.get_global_grad_norm()
+        # The boundary step under the guard: applied, or skipped (no parameter/optimizer update) for an anomaly.
+        decision = boundary_step(guard, engine, step, loss_sum / layout.global_batch)
+        if decision.anomaly and rank == 0:
+            e = guard.events[-1]
+            print(f"[polyko] guard: step {step + 1} {decision.anomaly} (statistic {e['statistic']}) -> "
+                  f"{decision.action}, samples {e['samples'][0]}..{e['samples'][1]}", flush=True)
+        reason = f"{decision.anomaly} after {cfg.guard.max_rollbacks} rollback(s) (guard.max_rollbacks)"
+        if decision.action == "rollback":
+            target = rollback_target(ctx.checkpoints(), before_step=step)
+            if target is None or not _loadable(target[1], world, cfg.deepspeed.zero_stage):
+                decision = replace(decision, action="stop")
+                reason = ("no healthy checkpoint to roll back to" if target is None else
+                          f"the rollback target {target[0]} was saved at {target[1]['world_size']} workers, ZeRO-"
+                          f"{target[1]['zero_stage']}: restart the run to reshard it")
+            else:
+                engine.load_checkpoint(str(target[0]), tag=ckpt_io.DS_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+                plan = guard.on_rollback(target[1])
+                if rank == 0:
+                    _write_rollback(out, plan.step, guard.state_dict())
+                    print(f"[polyko] guard: rolled back to step {plan.step} ({target[0]}); samples "
+                          f"{plan.skip_start}..{plan.skip_end} skipped, lr re-warmed over "
+                          f"{cfg.guard.rewarmup_steps} steps", flush=True)
+                    sink.log(step + 1, guard.metrics())
+                    sink.artifact(guard.write_events(events_file))
+                step = plan.step
+                continue
+        if decision.action == "stop":
+            stopped = f"stopped at step {step + 1}: {reason}"
+            break
         step_s = time.perf_counter() - t0
         done = step + 1
 
         tps = step_tokens / step_s
         tflops = fpt * tps / world / 1e12  # model TFLOP/s per worker
-        metrics = {"loss": step_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+        metrics = {"loss": decision.loss, "lr": lr, "grad_norm": decision.grad_norm,
                    "tokens_per_second": tps, "tflops": tflops, "mfu": tflops / peak if peak else None,
                    "step_seconds": step_s, "step": done, "tokens_seen": done * step_tokens,
-                   "checkpoint_seconds": last_ckpt_s, "world_size": world}
+                   "checkpoint_seconds": last_ckpt_s, "world_size": world, **guard.metrics(),
+                   # global sample position this step read from, and whether its update was skipped
+                   "data_position": guard.position(step), "guard/skipped": float(decision.action == "skip")}
 
-        if done % cfg.checkpoint.every_steps == 0 or done == cfg.steps:
+        if validation is not None and (done % cfg.eval.every_steps == 0 or done == cfg.steps):
             t1 = time.perf_counter()
-            meta = {"step": done, "tokens_seen": done * step_tokens, "data_position": done * layout.global_batch,
-                    "global_batch": layout.global_batch, "seq_len": seq_len, "world_size": world,
-                    "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
-                    "rng": "reseeded from (seed, step, rank) every step", "loss": step_loss,
-                    "data_manifest": data_manifest, "seed": cfg.seed,
-                    "process_group_timeouts_s": group_timeouts(),  # every group's collective timeout (rank 0's view)
-                    "model_config": model_config.to_dict(), "tokenizer": cfg.data.tokenizer,
-                    "config": to_dict(cfg), "run_id": loop_cfg.get("run_id")}
-            local = ckpt_io.save(engine, done, meta)
-            ctx.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=local, step=done)
-            shutil.rmtree(local, ignore_errors=True)
-            last_ckpt_s = metrics["checkpoint_seconds"] = time.perf_counter() - t1
+            by_source = validation_losses(engine, validation, val_rows, rank=rank, world=world,
+                                          micro_batch=layout.micro_batch, device=device)
+            metrics.update(validation_metrics(validation, by_source))
+            metrics["val/seconds"] = time.perf_counter() - t1
+        ckpt_due = ckpt_due or done % cfg.checkpoint.every_steps == 0 or done == cfg.steps
+        if ckpt_due and (guard.streak == 0 or done == cfg.steps):
+            # Never a checkpoint with non-finite weights (the next step's check rolls back instead); during an
+            # anomaly streak the save waits for a healthy step (a rollback would re-run and re-save it).
+            finite = int(params_nonfinite(engine)) == 0
+            if finite:
+                t1 = time.perf_counter()
+                gmeta = guard.checkpoint_meta(params_finite=True)
+                meta = {"step": done, "tokens_seen": done * step_tokens,
+                        "data_position": guard.position(done), "global_batch": layout.global_batch,
+                        "seq_len": seq_len, "world_size": world,
+                        "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
+                        "rng": "reseeded from (seed, step, rank) every step", "loss": decision.loss,
+                        "data_manifest": data_manifest, "seed": cfg.seed, "guard": gmeta,
+                        "process_group_timeouts_s": group_timeouts(),  # every group's collective timeout (rank 0's view)
+                        "model_config": engine.module.config.to_dict(), "tokenizer": cfg.data.tokenizer,
+                        "config": to_dict(cfg), "run_id": loop_cfg.get("run_id")}
+                local = ckpt_io.save(engine, done, meta)
+                metrics[RETENTION_SCORE] = health_score(done, gmeta["healthy"])
+                ctx.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=local, step=done,
+                           validation=_wants_kobest(cfg, done))
+                shutil.rmtree(local, ignore_errors=True)
+                last_ckpt_s = metrics["checkpoint_seconds"] = time.perf_counter() - t1
+                last_ckpt_step, ckpt_due = done, False
+            elif rank == 0:
+                print(f"[polyko] WARNING non-finite weights after step {done}: no checkpoint written (the last "
+                      f"one, step {last_ckpt_step}, stays the one to resume or roll back to)", flush=True)
         if sink is not None:
+            if guard.events and (decision.anomaly or done == cfg.steps):
+                sink.artifact(guard.write_events(events_file, reason="finished" if done == cfg.steps else "running"))
+            if done % cfg.checkpoint.every_steps == 0 or done == cfg.steps:
+                metrics.update(_mixture_metrics(sampler, guard.position(done)))
             sink.log(done, metrics)
+            progress.show(done, metrics, last_ckpt_step, guard)
+        step = done
+    if stopped and rank == 0:
+        print(f"[polyko] guard: {stopped}", flush=True)
+        sink.artifact(guard.write_events(events_file, reason=stopped))
     if sink is not None:
         sink.close()
 
@@ -223,7 +315,7 @@ def group_timeouts() -> dict[str, float]:
 
 def resume_mismatches(meta: dict[str, Any], cfg: PretrainConfig, *, data_manifest: str, global_batch: int,
                       seq_len: int) -> list[str]:
-    """What differs between a checkpoint's trajectory and this run's: data, seed, global batch, seq_len."""
+    """What differs between a checkpoint's trajectory and this run's: data, seed, global batch, seq_len, mixture."""
     diffs = []
     saved = meta.get("data_manifest")
     if saved is not None and saved != data_manifest:
@@ -235,6 +327,9 @@ def resume_mismatches(meta: dict[str, Any], cfg: PretrainConfig, *, data_manifes
         diffs.append(f"global batch {meta['global_batch']} != {global_batch} sequences")
     if meta.get("seq_len") is not None and meta["seq_len"] != seq_len:
         diffs.append(f"seq_len {meta['seq_len']} != {seq_len}")
+    saved_mix = ((meta.get("config") or {}).get("data") or {}).get("mixture") or {}
+    if saved_mix != (cfg.data.mixture or {}):  # the global sample order is a function of the mixture
+        diffs.append(f"data mixture {saved_mix or 'proportional'} != {cfg.data.mixture or 'proportional'}")
     return diffs
 
 
@@ -257,11 +352,16 @@ class RayContext:
 
     ray = True  # Ray metrics gauges are available
 
-    def __init__(self):
+    def __init__(self, checkpoint_root: str | None = None):
         import ray.train
 
         c = ray.train.get_context()
         self.rank, self.world_size, self.local_rank = c.get_world_rank(), c.get_world_size(), c.get_local_rank()
+        self.root = Path(checkpoint_root) if checkpoint_root else None  # <output>/ray/<run name> (pretrain sets it)
+
+    def checkpoints(self) -> list[tuple[Path, dict[str, Any]]]:
+        """Every valid checkpoint the run's storage holds (rollback targets; a filesystem every rank sees)."""
+        return _valid_checkpoints(self.root) if self.root else []
 
     def latest_checkpoint(self) -> Path | None:
         import ray.train
@@ -275,11 +375,14 @@ class RayContext:
         ckpt.to_directory(str(local))
         return local
 
-    def report(self, metrics: dict[str, float], *, checkpoint: Path, step: int) -> None:
+    def report(self, metrics: dict[str, float], *, checkpoint: Path, step: int, validation: bool = False) -> None:
         import ray.train
 
+        # validation=True: Ray Train starts the run's checkpoint evaluation (KoBEST, polyko.train.evaluator) as
+        # its own task on the persisted checkpoint; this returns without waiting for it.
+        extra = {"validation": True} if validation else {}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
-                         checkpoint_dir_name=ckpt_io.step_dir_name(step))
+                         checkpoint_dir_name=ckpt_io.step_dir_name(step), **extra)
 
 
 class LocalContext:
@@ -306,8 +409,13 @@ class LocalContext:
         found = ckpt_io.list_checkpoints(self.dir)
         return found[0] if found else None
 
-    def report(self, metrics: dict[str, float], *, checkpoint: Path, step: int) -> None:
+    def checkpoints(self) -> list[tuple[Path, dict[str, Any]]]:
+        return _valid_checkpoints(self.dir)
+
+    def report(self, metrics: dict[str, float], *, checkpoint: Path, step: int, validation: bool = False) -> None:
         import torch.distributed as dist
+
+        from polyko.train.guard import retention
 
         dst = self.dir / ckpt_io.step_dir_name(step)
         # Every rank moves its shard files in (a rename on the same filesystem: no second copy of ~16 B/param),
@@ -319,7 +427,8 @@ class LocalContext:
         dist.barrier()
         if self.rank == 0:
             shutil.copy2(checkpoint / ckpt_io.META, dst / ckpt_io.META)
-            for old in ckpt_io.list_checkpoints(self.dir)[self.keep:]:
+            # The newest `keep`, and always the newest healthy one (a rollback target through any bad streak).
+            for old in retention(_valid_checkpoints(self.dir), self.keep):
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
@@ -339,26 +448,136 @@ def _find_checkpoint(cfg: PretrainConfig, ctx):
     return None
 
 
-def _maybe_inject_fault(spec: str | None, step: int, rank: int, out: Path) -> None:
-    """Chaos testing: ``KIND@STEP:RANK`` fires once per run directory when rank RANK is about to run
-    step STEP (0-based). crash: raise; exit: kill the process; hang: block forever (hang detection)."""
-    if not spec:
-        return
-    kind, _, where = spec.partition("@")
-    s, _, r = where.partition(":")
-    if step != int(s) or rank != int(r or 0):
-        return
-    marker = out / f"fault-fired-{kind}-{s}-{r or 0}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(time.time()))
-    print(f"[polyko] injecting fault {spec}", flush=True)
-    if kind == "crash":
-        raise RuntimeError(f"injected fault {spec}")
-    if kind == "exit":
-        os._exit(1)
-    if kind == "hang":
-        while True:
-            time.sleep(3600)
-    raise ValueError(f"fault.inject: unknown kind {kind!r} (crash, exit, hang)")
+def _maybe_inject_fault(faults: list[tuple[str, int, int]], step: int, rank: int, out: Path) -> str | None:
+    """Chaos testing (``fault.inject``, :func:`polyko.train.config.parse_faults`): each ``KIND@STEP:RANK`` fires
+    once per run directory when rank RANK is about to run step STEP (0-based). crash: raise; exit: kill the
+    process; hang: block forever (hang detection). spike / nan: returned, and the loop corrupts this rank's
+    batch of the step (loss x1000 / non-finite), a transient fault: a rollback that re-runs the step sees a
+    clean batch."""
+    hit = None
+    for kind, s, r in faults:
+        if step != s or rank != r:
+            continue
+        marker = out / f"fault-fired-{kind}-{s}-{r}"
+        if marker.exists():
+            continue
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(time.time()))
+        print(f"[polyko] injecting fault {kind}@{s}:{r}", flush=True)
+        if kind == "crash":
+            raise RuntimeError(f"injected fault {kind}@{s}:{r}")
+        if kind == "exit":
+            os._exit(1)
+        if kind == "hang":
+            while True:
+                time.sleep(3600)
+        hit = kind
+    return hit
+
+
+ROLLBACK_FILE = "guard_rollback.json"
+
+
+def _write_rollback(out: Path, step: int, state: dict[str, Any]) -> None:
+    """The guard's state just after rolling back to checkpoint ``step``. That checkpoint's metadata holds the
+    state from before the rollback; a run stopped before its next checkpoint resumes from this one, so it skips
+    the same samples as an uninterrupted run would (atomic replace; rank 0, on the run directory)."""
+    import json
+
+    tmp = out / f".{ROLLBACK_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "state": state}))
+    tmp.replace(out / ROLLBACK_FILE)
+
+
+def _read_rollback(out: Path, step: int) -> dict[str, Any] | None:
+    import json
+
+    p = out / ROLLBACK_FILE
+    if not p.is_file():
+        return None
+    d = json.loads(p.read_text())
+    return d["state"] if d.get("step") == step else None
+
+
+def _valid_checkpoints(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``(path, metadata)`` of every committed checkpoint under ``root``, newest first (broken ones skipped)."""
+    out = []
+    for p in ckpt_io.list_checkpoints(root):
+        try:
+            out.append((p, ckpt_io.validate(p)))
+        except ckpt_io.CheckpointError:
+            continue
+    return out
+
+
+def _loadable(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
+    """A checkpoint the running engine can load in place (no resharding: same layout, or ZeRO-0)."""
+    return not ckpt_io.needs_reshard(meta, world, zero_stage)
+
+
+def _wants_kobest(cfg: PretrainConfig, done: int) -> bool:
+    from polyko.train.evaluator import wants
+
+    return bool(cfg.eval.kobest.enabled) and wants(cfg.eval.kobest, done, cfg.checkpoint.every_steps, cfg.steps)
+
+
+def _mixture_metrics(sampler, positions: int) -> dict[str, float]:
+    """Tokens share and epochs per source after ``positions`` global positions (with a mixture, or data small
+    enough that counting a proportional order is cheap: it reads every position's row once, incrementally)."""
+    from polyko.train.data import mixture_report
+
+    if not sampler.rows or (not sampler.mixture and sampler.n > 1 << 22):
+        return {}
+    rep = mixture_report(sampler, positions)
+    return {f"data/{s}/{k}": v[k] for s, v in rep.items() for k in ("share", "epochs")}
+
+
+def validation_losses(engine, validation, rows: dict[str, "np.ndarray"], *, rank: int, world: int,
+                      micro_batch: int, device) -> dict[str, float]:
+    """Mean next-token loss (nats per predicted token) per source over the fixed validation ``rows``, the rows
+    dealt round-robin over the ranks. Every rank runs the same number of forwards (ZeRO-3 gathers parameters
+    in each), a rank out of rows running a zero-weight one. Cost: one forward per row, no backward."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    sources = sorted(rows)
+    flat = np.concatenate([rows[s] for s in sources])
+    src = np.concatenate([np.full(len(rows[s]), i, dtype=np.int64) for i, s in enumerate(sources)])
+    mine = np.arange(rank, len(flat), world)
+    mb = max(1, micro_batch)
+    per_rank = -(-len(flat) // world)
+    forwards = -(-per_rank // mb)
+    acc = torch.zeros(len(sources), 2, dtype=torch.float64, device=device)  # (nats, predicted tokens) per source
+    training = engine.module.training
+    engine.eval()
+    with torch.no_grad():
+        for f in range(forwards):
+            sel = mine[f * mb:(f + 1) * mb]
+            real = len(sel) > 0
+            sel = sel if real else np.array([0])
+            x = torch.from_numpy(validation.shards.batch(flat[sel])).to(device)
+            logits = engine(input_ids=x).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                  reduction="none").view(len(sel), -1).sum(1).double()
+            if real:
+                counts = torch.full_like(nll, float(x.shape[1] - 1))
+                acc.index_add_(0, torch.from_numpy(src[sel]).to(device), torch.stack([nll, counts], 1))
+    dist.all_reduce(acc)
+    engine.train(training)
+    vals = acc.tolist()
+    return {s: vals[i][0] / vals[i][1] for i, s in enumerate(sources) if vals[i][1] > 0}
+
+
+def validation_metrics(validation, by_source: dict[str, float]) -> dict[str, float]:
+    """``val/loss`` (the sources' losses weighted by their validation tokens), ``val/bpb`` (bits per UTF-8
+    byte: comparable across tokenizers), and both per source (``val/<source>/loss``, ``.../bpb``)."""
+    with_bytes = {s: v for s, v in by_source.items() if validation.bytes.get(s, 0) > 0}
+    tokens = {s: validation.tokens[s] for s in by_source}
+    out = {"val/loss": sum(v * tokens[s] for s, v in by_source.items()) / max(1, sum(tokens.values()))}
+    if with_bytes:
+        out["val/bpb"] = validation.overall_bits_per_byte(with_bytes)
+        out.update({f"val/{s}/bpb": v for s, v in validation.bits_per_byte(with_bytes).items()})
+    out.update({f"val/{s}/loss": v for s, v in by_source.items()})
+    return out

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 GAUGES = ("loss", "lr", "grad_norm", "tokens_per_second", "tflops", "mfu", "step_seconds", "checkpoint_seconds",
-          "step")
+          "step", "guard/anomalies", "guard/skipped_steps", "guard/rollbacks", "val/loss", "val/bpb")
+# Seconds between two progress lines (and always on a checkpoint, a guard event, the first and last step).
+PROGRESS_EVERY_S = 10.0
+
+
+def gauge_name(key: str) -> str:
+    """Ray metric name of a metric key: ``guard/rollbacks`` -> ``polyko_train_guard_rollbacks``."""
+    return "polyko_train_" + key.replace("/", "_")
 
 
 def flops_per_token(model_config, seq_len: int) -> float:
@@ -59,7 +66,7 @@ class MetricsSink:
         if gauges:  # off outside Ray (the loop in a plain torch.distributed world)
             from ray.util.metrics import Gauge
 
-            self.gauges = {k: Gauge(f"polyko_train_{k}", description=f"pretraining {k.replace('_', ' ')}",
+            self.gauges = {k: Gauge(gauge_name(k), description=f"pretraining {k.replace('_', ' ')}",
                                     tag_keys=("run", "size")) for k in GAUGES}
         self.jsonl = Path(jsonl) if jsonl else None
         if self.jsonl:
@@ -80,9 +87,15 @@ class MetricsSink:
         if self.jsonl:
             with self.jsonl.open("a") as f:
                 f.write(json.dumps({**values, "step": step, "time": time.time()}) + "\n")
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != "step")
-        print(f"[polyko] step {step} {shown}", flush=True)
 
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file (e.g. the guard's event log) to the run; a failure is logged, never raised."""
+        if self.client is None:
+            return
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+        except Exception as e:  # noqa: BLE001 - the tracking server being down must not stop training
+            print(f"[polyko] WARNING could not upload {path} to MLflow: {e}", flush=True)
 
     def close(self) -> None:
         """Wait until every queued MLflow write has reached the server."""
@@ -92,8 +105,40 @@ class MetricsSink:
             mlflow.flush_async_logging()
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+class Progress:
+    """Rank 0's one live line per run: step / total, loss, tokens/s, MFU (or TFLOP/s on a CPU), ETA, last
+    checkpoint, guard events and validation loss, at most every :data:`PROGRESS_EVERY_S` seconds. Per-step
+    detail is in ``metrics.jsonl``, MLflow and the Ray metrics."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start = total, start
+        self.t0 = self.last = time.time()
+        self.shown_events = 0
+
+    def show(self, step: int, m: dict[str, Any], last_ckpt: int | None, guard) -> None:
+        now = time.time()
+        events = guard.anomalies + guard.rollbacks
+        force = step in (self.start + 1, self.total) or m.get("checkpoint_seconds") is not None and \
+            last_ckpt == step or events != self.shown_events or "val/loss" in m
+        if not force and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last, self.shown_events = now, events
+        rate = (now - self.t0) / max(1, step - self.start)  # seconds per step over this attempt
+        eta = _duration(rate * (self.total - step))
+        speed = f"MFU {m['mfu']:.1%}" if m.get("mfu") else f"{m.get('tflops', 0):.3g} TFLOP/s/worker"
+        parts = [f"step {step}/{self.total}", f"loss {m['loss']:.4f}", f"{m['tokens_per_second']:,.0f} tok/s", speed,
+                 f"ETA {eta}", f"ckpt {last_ckpt if last_ckpt is not None else '-'}"]
+        if "val/loss" in m:
+            parts.append(f"val {m['val/loss']:.4f}" + (f" ({m['val/bpb']:.3f} bpb)" if "val/bpb" in m else ""))
+        if guard.anomalies or guard.rollbacks:
+            parts.append(f"guard {guard.anomalies} anomalies, {guard.skipped_steps} skipped, "
+                         f"{guard.rollbacks} rollbacks")
+        print("[polyko] " + " | ".join(parts), flush=True)
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def read_jsonl(path: str | Path) -> dict[int, dict[str, Any]]:

@@ -128,6 +128,13 @@ def run_identity(cfg: PretrainConfig) -> dict[str, Any]:
              "resume_from": r.checkpoint.resume_from}
     if r.scaling.simulate_gpus:  # never share a run (and its checkpoints) with the real GPU run
         ident["simulated_gpus"] = True
+    # Recorded only when set, so the runs that predate them keep their names.
+    if r.data.mixture:  # the global sample order is a function of the source weights
+        ident["data"]["mixture"] = dict(sorted(r.data.mixture.items()))
+    if r.model.parametrization != "standard":
+        ident["model"]["parametrization"] = r.model.parametrization
+    if r.guard.z_loss:
+        ident["z_loss"] = r.guard.z_loss
     return ident
 
 
@@ -149,6 +156,10 @@ def preflight(cfg: PretrainConfig) -> int:
         raise ValueError("data.path (--data) and data.tokenizer (--tokenizer) are required here "
                          "(pretrain fills them from the prepared tokens: polyko.train.trainer.resolve_inputs)")
     tokens = open_tokens(cfg.data.path, cfg.data.tokenizer)
+    if cfg.data.mixture:  # unknown sources or bad weights fail here, before any worker starts
+        from polyko.train.data import make_sampler
+
+        make_sampler(cfg.data.path, cfg.seed, shuffle=cfg.data.shuffle, mixture=cfg.data.mixture)
     workers = cfg.scaling.ray_num_workers()
     lo, hi = workers if isinstance(workers, tuple) else (workers, workers)
     for w in {lo, hi}:  # every count in between lies between these two (BatchLayout takes any 1 <= w <= G)
@@ -390,6 +401,12 @@ def deploy(cfg: PretrainConfig, *, ray_address: str | None = None, place: bool =
         cfg = replace(cfg, scaling=replace(cfg.scaling, use_gpu=False))
     cfg = cfg.resolved()
     preflight(cfg)
+    from polyko.train.evaluator import resolve_enabled
+
+    kobest, note = resolve_enabled(cfg.eval.kobest)  # KoBEST during training: on when its data is at hand
+    cfg = replace(cfg, eval=replace(cfg.eval, kobest=kobest))
+    if note:
+        notes.append(note)
     out, run_name = run_paths(replace(scaled, scaling=cfg.scaling, deepspeed=replace(
         scaled.deepspeed, precision=cfg.deepspeed.precision)))
     d = Deployment(cfg=cfg, seq_len=seq_len, inventory=inv, gpu=key, accelerator=accelerator, plan=plan, output=out,
@@ -489,21 +506,37 @@ def pretrain(cfg: PretrainConfig, *, ray_address: str | None = None) -> Pretrain
         print(f"[polyko] pretrain run {run_name}: {tracking.run_url(run)}; output {out}", flush=True)
         sc = cfg.scaling
         extra = {"accelerator_type": d.accelerator} if d.accelerator and _gpu_request(d) else {}
+        from polyko.train import evaluator
+        from polyko.train.guard import EVENTS_FILE, RETENTION_SCORE, GuardStopped
+
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"config": to_dict(cfg), "output": str(out), "run_name": run_name,
-                               "run_id": run.info.run_id, "tracking_uri": tracking.tracking_uri()},
+                               "run_id": run.info.run_id, "tracking_uri": tracking.tracking_uri(),
+                               "checkpoint_root": str(out / "ray" / run_name)},
             torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.fault.hang_timeout_s),
             scaling_config=ray.train.ScalingConfig(num_workers=sc.ray_num_workers(), use_gpu=_gpu_request(d),
                                                    resources_per_worker={"CPU": sc.cpus_per_worker}, **extra),
             run_config=ray.train.RunConfig(
                 name=run_name, storage_path=str(out / "ray"),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Kept: the `keep` highest-scored, i.e. the newest healthy ones (unhealthy score -1), so a bad
+                # streak never deletes the rollback target (polyko.train.guard.health_score).
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep,
+                                                             checkpoint_score_attribute=RETENTION_SCORE,
+                                                             checkpoint_score_order="max"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures)),
+            # KoBEST on checkpoints in its own Ray task, retried, re-queued after a restart; never waited on.
+            validation_config=evaluator.validation_config(cfg.eval.kobest, run_id=run.info.run_id,
+                                                          tracking_uri=tracking.tracking_uri()),
         )
         result = trainer.fit()
         if result.error is not None:
             raise result.error
+        events = out / EVENTS_FILE
+        report = json.loads(events.read_text()) if events.is_file() else None
+        if report and str(report.get("reason", "")).startswith("stopped"):
+            # The guard ended the run (returned normally, so Ray Train did not retry it): fail with its report.
+            raise GuardStopped(report)
 
         found = ckpt_io.select(result.checkpoint.path) if result.checkpoint is not None else None
         ckpt_dir, meta = found if found else (None, None)
