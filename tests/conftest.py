@@ -116,6 +116,16 @@ def work_dir(tmp_path, monkeypatch):
     return tmp_path / "work"
 
 
+@pytest.fixture(scope="module")
+def module_work_dir(tmp_path_factory):
+    """A private POLYKO_WORK_DIR shared by the tests of one module (runs named by their config land here)."""
+    mp = pytest.MonkeyPatch()
+    wd = tmp_path_factory.mktemp("work")
+    mp.setenv("POLYKO_WORK_DIR", str(wd))
+    yield wd
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def make_tiny_checkpoint(tmp_path_factory, polyglot_tokenizer_dir):
     """``make(seed) -> Path``: a small HF-format GPT-NeoX checkpoint (``tiny`` preset, random weights

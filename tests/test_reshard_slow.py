@@ -26,7 +26,7 @@ from polyko.train.config import (BatchConfig, CheckpointConfig, DataConfig, Deep
                                  OptimConfig, PretrainConfig, ScalingConfig)
 from polyko.train.metrics import read_jsonl
 
-from test_train import module_work_dir, tokens_dir  # noqa: F401  (fixtures)
+from test_train import tokens_dir  # noqa: F401  (fixture)
 from train_helpers import make_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -53,15 +53,6 @@ def health_config(data: Path, tokenizer: Path, out: Path, *, workers: int, injec
     return replace(cfg, **kw)
 
 
-@pytest.fixture(scope="module")
-def module_work_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    wd = tmp_path_factory.mktemp("work")
-    mp.setenv("POLYKO_WORK_DIR", str(wd))
-    yield wd
-    mp.undo()
-
-
 def _pretrain(cfg):
     import ray
 

@@ -46,15 +46,6 @@ def base_config(tokens_dir, tokenizer_dir, out: Path, **kw) -> PretrainConfig:
 
 
 @pytest.fixture(scope="module")
-def module_work_dir(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    wd = tmp_path_factory.mktemp("work")
-    mp.setenv("POLYKO_WORK_DIR", str(wd))
-    yield wd
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tokens_dir, polyglot_tokenizer_dir, mlflow_server, module_work_dir):
     import ray
 

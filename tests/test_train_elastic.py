@@ -24,7 +24,7 @@ from polyko.train.config import (BatchConfig, CheckpointConfig, DataConfig, Deep
 from polyko.train.loop import resume_mismatches
 from polyko.train.metrics import read_jsonl
 
-from test_train import module_work_dir, tokens_dir  # noqa: F401  (fixtures)
+from test_train import tokens_dir  # noqa: F401  (fixture)
 
 STEPS = 3
 HANG_S = 97  # distinct from every default (gloo/NCCL 1800 s, ours 600 s)

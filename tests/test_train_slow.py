@@ -19,7 +19,7 @@ from polyko.cluster import free_port, stop_process_group
 from polyko.train.config import FaultConfig, ScalingConfig
 from polyko.train.metrics import read_jsonl
 
-from test_train import base_config, module_work_dir, tokens_dir  # noqa: F401  (fixtures)
+from test_train import base_config, tokens_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

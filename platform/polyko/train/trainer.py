@@ -407,6 +407,11 @@ def deploy(cfg: PretrainConfig, *, ray_address: str | None = None, place: bool =
     cfg = replace(cfg, eval=replace(cfg.eval, kobest=kobest))
     if note:
         notes.append(note)
+    if kobest.enabled and not kobest.num_gpus and plan.params >= BILLION:
+        # The evaluation exports the checkpoint and runs lm-eval in its own task: on a CPU slot that is hours at
+        # this size. It never blocks training, but the scores would come long after their checkpoints.
+        notes.append(f"KoBEST per checkpoint runs on a CPU slot: for {size} give it a GPU left free by training "
+                     "(--set eval.kobest.num_gpus=1), or --set eval.kobest.enabled=false")
     out, run_name = run_paths(replace(scaled, scaling=cfg.scaling, deepspeed=replace(
         scaled.deepspeed, precision=cfg.deepspeed.precision)))
     d = Deployment(cfg=cfg, seq_len=seq_len, inventory=inv, gpu=key, accelerator=accelerator, plan=plan, output=out,
