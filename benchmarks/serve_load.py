@@ -17,8 +17,11 @@ generated tokens/s, p50/p99 latency, and the ratios ours/naive and ours/serve_ba
 
 Phase 2 (``ours`` only): a sustained run of ``--sustained-requests`` requests at concurrency 32,
 distinct real Korean prompts (shared data corpus) of mixed lengths and mixed ``max_tokens``.
-The replica's mean decode-step time and RSS in the last tenth of the run over the first tenth
-(a leak shows as a ratio that grows with the run's length), and the count of 5xx answers.
+The replica's mean decode-step time (wall, and CPU time of the engine thread, which excludes
+waiting for a core on a shared machine) and RSS in the last tenth of the run over the first tenth
+(a leak shows as a ratio that grows with the run's length), the count of 5xx answers, and the
+engine's ``malloc_trim`` calls with their share of the run's wall time (what keeps glibc from
+holding the freed KV-cache buffers: see ``EngineConfig.malloc_trim_interval_s``).
 
 Prints ONE JSON line.
 
@@ -238,27 +241,38 @@ def sustained(url: str, handle, prompts: list[str], concurrency: int, seed: int 
     t0, t1 = steady[0][0], steady[-1][0]
     tenth = (t1 - t0) / 10
 
-    def window(lo: float, hi: float) -> tuple[float, float, float]:
-        """(mean decode-step seconds, per row-step, mean RSS) between the samples at wall times lo and hi."""
+    def window(lo: float, hi: float) -> tuple[float, float, float, float]:
+        """(mean decode-step seconds, per row-step, mean decode-step CPU seconds, mean RSS) between
+        the samples at wall times lo and hi."""
         inside = [x[2] for x in steady if lo <= x[0] <= hi]
         if len(inside) < 2:
             raise ValueError("sustained run too short to sample: give more --sustained-requests")
         a, b = inside[0], inside[-1]
         secs = b["decode_seconds"] - a["decode_seconds"]
-        return (secs / max(1, b["decode_steps"] - a["decode_steps"]), secs / max(1, b["decode_rows"] - a["decode_rows"]),
-                statistics.fmean(st["rss"] for st in inside))
+        steps = max(1, b["decode_steps"] - a["decode_steps"])
+        return (secs / steps, secs / max(1, b["decode_rows"] - a["decode_rows"]),
+                (b["decode_cpu_seconds"] - a["decode_cpu_seconds"]) / steps, statistics.fmean(st["rss"] for st in inside))
 
-    (step_first, row_first, rss_first), (step_last, row_last, rss_last) = window(t0, t0 + tenth), window(t1 - tenth, t1)
+    (step_first, row_first, cpu_first, rss_first) = window(t0, t0 + tenth)
+    (step_last, row_last, cpu_last, rss_last) = window(t1 - tenth, t1)
     return {"requests": n, "concurrency": concurrency, **{k: res[k] for k in ("errors", "errors_5xx", "seconds",
                                                                              "tokens_per_s", "p50_s", "p99_s")},
             "decode_step_s_first_tenth": round(step_first, 5), "decode_step_s_last_tenth": round(step_last, 5),
             "decode_step_last_over_first": round(step_last / step_first, 3) if step_first else None,
             # per row-step: the same, independent of how full the batch happened to be
             "decode_row_step_last_over_first": round(row_last / row_first, 3) if row_first else None,
+            # CPU seconds of the engine thread per step: what the step costs, without the time it waited
+            # for a core (wall time above includes that on a shared machine)
+            "decode_step_cpu_s_first_tenth": round(cpu_first, 5), "decode_step_cpu_s_last_tenth": round(cpu_last, 5),
+            "decode_step_cpu_last_over_first": round(cpu_last / cpu_first, 3) if cpu_first else None,
             "rss_mb_first_tenth": round(rss_first / 2**20, 1), "rss_mb_last_tenth": round(rss_last / 2**20, 1),
             "rss_last_over_first": round(rss_last / rss_first, 3),
             "kv_cache_columns_peak": max(x[2]["cache_len"] for x in samples),
-            "decode_steps": samples[-1][2]["decode_steps"]}
+            "decode_steps": samples[-1][2]["decode_steps"],
+            # The engine's malloc_trim calls (EngineConfig.malloc_trim_interval_s) and their share of the run's wall time.
+            "malloc_trims": samples[-1][2]["trims"] - samples[0][2]["trims"],
+            "malloc_trim_share": round((samples[-1][2]["trim_seconds"] - samples[0][2]["trim_seconds"])
+                                       / max(1e-9, samples[-1][0] - samples[0][0]), 4)}
 
 
 def main() -> None:

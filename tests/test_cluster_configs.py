@@ -33,10 +33,13 @@ DASHBOARDS = REPO / "dashboards"
 # The project's fixed Prometheus metric names (ray.util.metrics names; Ray exports them with "ray_").
 TRAIN_GAUGES = ["polyko_train_loss", "polyko_train_lr", "polyko_train_grad_norm", "polyko_train_tokens_per_second",
                 "polyko_train_tflops", "polyko_train_mfu", "polyko_train_step_seconds",
-                "polyko_train_checkpoint_seconds", "polyko_train_step"]
-SERVE_COUNTERS = ["polyko_serve_requests_total", "polyko_serve_generated_tokens_total"]
+                "polyko_train_checkpoint_seconds", "polyko_train_step", "polyko_train_guard_anomalies",
+                "polyko_train_guard_skipped_steps", "polyko_train_guard_rollbacks", "polyko_train_val_loss",
+                "polyko_train_val_bpb"]
+SERVE_COUNTERS = ["polyko_serve_requests_total", "polyko_serve_generated_tokens_total",
+                  "polyko_serve_model_switches_total"]
 SERVE_HISTOGRAMS = ["polyko_serve_request_latency_seconds"]
-SERVE_GAUGES = ["polyko_serve_resident_models"]
+SERVE_GAUGES = ["polyko_serve_resident_models", "polyko_serve_model_version"]
 FIXED = TRAIN_GAUGES + SERVE_COUNTERS + SERVE_HISTOGRAMS + SERVE_GAUGES
 EXPORTED = {"ray_" + n for n in TRAIN_GAUGES + SERVE_COUNTERS + SERVE_GAUGES} | {
     f"ray_{n}_{suffix}" for n in SERVE_HISTOGRAMS for suffix in ("bucket", "sum", "count")}
@@ -331,6 +334,17 @@ def test_dashboards_are_valid_grafana_json_using_only_the_fixed_metric_names():
     assert covered == {"ray_" + n for n in FIXED}
 
 
+def test_the_fixed_metric_names_are_what_the_code_creates():
+    """The lists above are the names the trainer and the serving app register, no more, no fewer."""
+    from polyko.train import metrics as train_metrics
+
+    assert {"polyko_train_" + k.replace("/", "_") for k in train_metrics.GAUGES} == set(TRAIN_GAUGES)
+    src = (REPO / "platform" / "polyko" / "serve" / "metrics.py").read_text()
+    created = dict((name, kind) for kind, name in re.findall(r"metrics\.(Counter|Histogram|Gauge)\(\s*\"(\w+)\"", src))
+    assert created == {**{n: "Counter" for n in SERVE_COUNTERS}, **{n: "Histogram" for n in SERVE_HISTOGRAMS},
+                       **{n: "Gauge" for n in SERVE_GAUGES}}
+
+
 def test_dashboards_query_exactly_what_ray_exports(ray_local):
     """Record every fixed metric through ray.util.metrics in a Ray task of a real local cluster, scrape the
     node's Prometheus endpoint, and find each dashboard metric name with the labels the panels use."""
@@ -346,14 +360,14 @@ def test_dashboards_query_exactly_what_ray_exports(ray_local):
         tags = {"run": "cfg-test", "size": "tiny"}
         for i, name in enumerate(TRAIN_GAUGES):
             metrics.Gauge(name, description="test", tag_keys=("run", "size")).set(float(i + 1), tags=tags)
-        metrics.Counter("polyko_serve_requests_total", description="test",
-                        tag_keys=("model", "status")).inc(2, tags={"model": "m", "status": "200"})
-        metrics.Counter("polyko_serve_generated_tokens_total", description="test",
-                        tag_keys=("model",)).inc(7, tags={"model": "m"})
-        metrics.Histogram("polyko_serve_request_latency_seconds", description="test", boundaries=[0.1, 1.0],
-                          tag_keys=("model",)).observe(0.5, tags={"model": "m"})
-        metrics.Gauge("polyko_serve_resident_models", description="test",
-                      tag_keys=("replica",)).set(1, tags={"replica": "r0"})
+        # The serving metrics through the serving app's own objects (the names and tags it really uses).
+        from polyko.serve.metrics import registry_metrics, resident_models_gauge, serve_metrics
+
+        serve_metrics().record("m", 200, 0.5, generated_tokens=7)
+        resident_models_gauge().set(1, tags={"replica": "r0"})
+        switches, version = registry_metrics()
+        switches.inc(1, tags={"model": "m"})
+        version.set(3, tags={"model": "m", "replica": "r0"})
         time.sleep(12)  # stay alive past a metrics report interval (10 s) so the agent has the values
 
     ref = record.remote()
@@ -374,6 +388,8 @@ def test_dashboards_query_exactly_what_ray_exports(ray_local):
     # The labels the panels group and filter by are on the exported series.
     labels = {"ray_polyko_train_loss": ("run=", "size="), "ray_polyko_serve_requests_total": ("model=", "status="),
               "ray_polyko_serve_request_latency_seconds_bucket": ("model=", "le="),
-              "ray_polyko_serve_resident_models": ("replica=",)}
+              "ray_polyko_serve_resident_models": ("replica=",),
+              "ray_polyko_serve_model_switches_total": ("model=",),
+              "ray_polyko_serve_model_version": ("model=", "replica=")}
     for metric, needles in labels.items():
         assert any(all(n in line for n in needles) for line in series[metric]), (metric, series[metric][:2])

@@ -248,3 +248,41 @@ def test_model_slot_switch_finishes_inflight_requests_on_the_old_version(tiny_hf
     assert s_new.finish_reason == "length" and s_new.generated != s_old.generated   # another model answered
     assert old.model is None and new.model is not None   # version 1 unloaded once drained
     new.close()
+
+
+def test_engine_returns_freed_heap_memory_between_steps(tiny_hf_checkpoint):
+    """The engine calls glibc's malloc_trim while busy (every malloc_trim_interval_s) and once when
+    it goes idle, and never with the interval at 0; a negative interval is a config error."""
+    import time
+
+    from polyko.serve.config import EngineConfig
+    from polyko.serve.engine import HFEngine, malloc_trim
+
+    assert malloc_trim() is not None   # glibc (Linux): the trim is real here, not skipped
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    def burst(interval: float) -> dict:
+        eng = HFEngine(tiny_hf_checkpoint, EngineConfig(batch_wait_ms=0, malloc_trim_interval_s=interval),
+                       num_threads=1)
+
+        eng.on_step = lambda st: time.sleep(0.01)   # 23 decode steps take >= 0.23 s: several intervals
+
+        async def go():
+            await asyncio.gather(*[eng.run(eng.prepare([f"문장 {i}"], params, timeout_s=60)) for i in range(4)])
+            for _ in range(50):   # the idle trim runs right after the last step
+                if eng.running == 0 and eng.trims and eng._last_trim_step == eng.decode_steps:
+                    break
+                await asyncio.sleep(0.02)
+            return eng.stats()
+
+        st = asyncio.run(go())
+        eng.close()
+        return st
+
+    on, off = burst(0.05), burst(0.0)
+    assert on["decode_steps"] >= 23 and on["trims"] >= 3 and on["trim_seconds"] > 0   # periodic + idle
+    assert off["trims"] == 0 and off["trim_seconds"] == 0
+    for st in (on, off):   # the engine thread's CPU time is inside each step's wall time
+        assert 0 < st["decode_cpu_seconds"] <= st["decode_seconds"]
+    with pytest.raises(ValueError, match="malloc_trim_interval_s"):
+        ServeConfig(engine=EngineConfig(malloc_trim_interval_s=-1))

@@ -106,6 +106,14 @@ class EngineConfig:
     dtype: str = "auto"
     # torch intra-op threads per replica (0 = the replica's num_cpus).
     torch_threads: int = 0
+    # Seconds between glibc ``malloc_trim(0)`` calls while the engine is busy (and once whenever
+    # it goes idle); 0 = never. Every decode step reallocates each layer's KV cache one column
+    # longer, and glibc keeps the freed chunks in its arenas instead of returning them: a 50m
+    # replica at concurrency 32 held ~300 MB in use and ~500 MB free-but-resident, its RSS
+    # climbing with no object holding the memory. Measured on one CPU (50m, 32 rows): a trim
+    # takes ~30 ms of the engine thread, ~1.5 % of its time at 2 s, with no slower decode steps
+    # from re-faulting the returned pages; RSS ~950 MB instead of ~1,400 MB.
+    malloc_trim_interval_s: float = 2.0
 
 
 @dataclass
@@ -160,6 +168,9 @@ class ServeConfig:
             raise ValueError(f"max_resident must be >= 1, got {self.max_resident}")
         if self.engine.kind not in ("hf", "vllm"):
             raise ValueError(f"engine.kind must be 'hf' or 'vllm', got {self.engine.kind!r}")
+        if self.engine.malloc_trim_interval_s < 0:
+            raise ValueError(f"engine.malloc_trim_interval_s must be >= 0 (0 = never trim), "
+                             f"got {self.engine.malloc_trim_interval_s}")
         if self.follow_interval_s < 0:
             raise ValueError(f"follow_interval_s must be >= 0 (0 = never re-resolve), got {self.follow_interval_s}")
         if self.max_ongoing_requests < self.autoscaling.target_ongoing_requests:
