@@ -10,12 +10,20 @@ Both sweeps run in this process on the same private Ray cluster over the same 16
   between the loss at each ASHA rung (what ASHA decides on) and the final loss; ``rung_decisions_agree``:
   share of ASHA's stop/continue decisions that the final ranking confirms (a pruned trial is not in the
   exhaustive top third, a promoted one is in the top half);
-* ``overhead_per_trial``: wall time of a one-trial sweep (Tune + Train + MLflow parent/child runs) over a bare
-  ``pretrain`` call of the same config on the same cluster, minus 1 (goal <= 0.10).
+* ``overhead_per_trial``: CPU time of a one-trial sweep (Tune + Train + MLflow parent/child runs) over a bare
+  ``pretrain`` call of the same config on the same cluster, minus 1 (goal <= 0.10): CPU seconds of this
+  process and every process under it (the private Ray cluster, its workers, actors and Train controllers),
+  which other load on a shared machine hardly changes, where it can stretch wall time by 2x.
+  ``overhead_wall`` is the same in wall time. Each is the least of ``--repeats`` runs, taken alternately
+  (sweep, bare, bare, sweep, ...) so that a change of load over the benchmark weighs on both alike; the
+  medians of the per-pair ratios are printed beside them.
 
-    python benchmarks/sweep.py [--steps 27]
+ASHA is the sweep's default (``polyko.sweep.asha.RecheckedASHA``); ``--ray-asha`` adds a third sweep with
+Ray's plain ``ASHAScheduler`` (``scheduler.recheck=false``) over the same configurations, for comparison.
 
-Prints one JSON line. On 2 CPU cores: about 10 minutes.
+    python benchmarks/sweep.py [--steps 27] [--repeats 3] [--ray-asha]
+
+Prints one JSON line. On 2 CPU cores: about 15 minutes (5 more with ``--ray-asha``).
 """
 
 from __future__ import annotations
@@ -66,6 +74,48 @@ def real_tokens(out: Path, tokenizer_dir: Path, seq_len: int = 64, n: int = 640)
     return out
 
 
+class TreeCPU:
+    """CPU seconds (user + system) used by this process and every process under it: the private Ray cluster
+    (GCS, raylet, dashboard), its workers, trial actors and Train controllers. A thread samples each process
+    every ``interval_s`` and keeps its last value after it exits, so the processes a run starts and ends are
+    counted (up to their last interval). Unlike wall time this hardly moves with other load on the machine."""
+
+    def __init__(self, interval_s: float = 0.25):
+        import threading
+
+        self.last: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU s last seen
+        self.lock = threading.Lock()
+        self.interval_s = interval_s
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for p in [me] + me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                key = (p.pid, p.create_time())
+            except psutil.Error:
+                continue
+            with self.lock:
+                self.last[key] = t.user + t.system
+
+    def _loop(self) -> None:
+        while True:
+            self.sample()
+            time.sleep(self.interval_s)
+
+    def snapshot(self) -> dict[tuple[int, float], float]:
+        self.sample()
+        with self.lock:
+            return dict(self.last)
+
+    @staticmethod
+    def used(before: dict, after: dict) -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items())
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -75,20 +125,28 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=27, help="steps of a full trial (rungs at steps/9 and steps/3)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of the one-trial sweep and of the bare pretrain")
+    p.add_argument("--ray-asha", action="store_true", help="also run Ray's plain ASHA (no re-checks)")
+    p.add_argument("--workdir", help="where the sweeps live (default: a new temp dir); rerun with the same dir "
+                   "and the finished sweeps are restored, not trained again")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    tmp = Path(tempfile.mkdtemp(prefix="polyko-bench-sweep-"))
+    tmp = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="polyko-bench-sweep-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] sweeps under {tmp}", flush=True)
     os.environ["POLYKO_WORK_DIR"] = str(tmp / "work")  # embedded MLflow store, private
 
     from polyko.cluster import init_ray
     from polyko.sweep import default_config, sweep
-    from polyko.sweep.tune import rungs
+    from polyko.sweep.tune import concurrency, rungs
     from polyko.train import pretrain
     from polyko.train.metrics import read_jsonl
 
     tok_dir = SHARED / "reference" / "polyglot-ko-tokenizer"
-    tokens = real_tokens(tmp / "tokens", tok_dir)
+    tokens = tmp / "tokens"
+    if not (tokens / "manifest.json").is_file():
+        real_tokens(tokens, tok_dir)
     init_ray(num_cpus=2)
 
     def config(kind: str, out: str, search: list[str]):
@@ -114,6 +172,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     asha = sweep(asha_cfg)
     t_asha = time.time() - t0
+    plain = None
+    if a.ray_asha:
+        plain_cfg = config("asha", "ray-asha", grid)
+        plain_cfg.scheduler.recheck = False
+        plain = sweep(plain_cfg)
     t0 = time.time()
     full = sweep(fifo_cfg)
     t_full = time.time() - t0
@@ -128,17 +191,57 @@ def main(argv=None) -> int:
     agree = [(key(t) not in top_third) if t.status == "pruned" else (key(t) in top_half)
              for t in asha.trials if t.status in ("pruned", "completed")]
 
-    # Overhead of one trial under Tune + Train against a bare pretrain() of the same resolved config.
-    one = config("fifo", "one", ["optim.lr=grid:1e-3"])
-    t0 = time.time()
-    sweep(one)
-    t_trial = time.time() - t0
-    bare = replace(one.base, optim=replace(one.base.optim, lr=1e-3), output=str(tmp / "bare"), export=False,
-                   checkpoint=replace(one.base.checkpoint, every_steps=one.base.steps, keep=1),
-                   fault=replace(one.base.fault, max_failures=0))
-    t0 = time.time()
-    pretrain(bare)
-    t_bare = time.time() - t0
+    # The same schedulers replayed over the exhaustive sweep's real loss curves in many random trial orders
+    # (polyko.sweep.asha.replay: Tune's scheduler hooks, trials at equal speed, as many at once as above): what
+    # the compute ratio is on average, not only in the one order trained above.
+    from ray.tune.schedulers import ASHAScheduler
+
+    from polyko.sweep.asha import RecheckedASHA, replay
+
+    per_step = {k: {s: m["loss"] for s, m in curves[k].items() if "loss" in m} for k in keys}
+    conc = concurrency(asha_cfg)  # trials at once in the sweeps above (the cluster's CPUs here)
+    orders = [list(rng.permutation(len(keys))) for _ in range(200)]
+    replayed = {}
+    for name, cls in (("rechecked", RecheckedASHA), ("ray", ASHAScheduler)):
+        ratios, hits = [], []
+        for order in orders:
+            ks = [keys[i] for i in order]
+            r = replay(cls, [per_step[k] for k in ks], reduction_factor=3, grace_period=rung_steps[0],
+                       max_t=a.steps, concurrent=conc)
+            ratios.append(sum(r.values()) / (len(keys) * a.steps))
+            done = [final[ks[i]] for i, st in r.items() if st >= a.steps]
+            hits.append(min(done) <= min(final.values()) * 1.01)
+        replayed[name] = (float(np.mean(ratios)), float(np.percentile(ratios, 90)), float(np.mean(hits)))
+
+    # Overhead of one trial under Tune + Train against a bare pretrain() of the same resolved config (both
+    # checkpoint once, at the end). Alternating order: sweep, bare, bare, sweep, sweep, bare, ...
+    t_trial, t_bare, c_trial, c_bare = [], [], [], []
+    cpu = TreeCPU()
+    stamp = int(time.time())  # fresh runs even in a reused --workdir (a rerun would only restore them)
+
+    def one_trial(i: int) -> None:
+        one = config("fifo", f"one-{stamp}-{i}", ["optim.lr=grid:1e-3"])
+        one.base.checkpoint.every_steps = one.base.steps
+        t0, c0 = time.time(), cpu.snapshot()
+        sweep(one)
+        t_trial.append(time.time() - t0)
+        c_trial.append(cpu.used(c0, cpu.snapshot()))
+
+    def bare_run(i: int) -> None:
+        one = config("fifo", f"bare-{stamp}-{i}", [])
+        b = one.base
+        bare = replace(b, optim=replace(b.optim, lr=1e-3), output=str(tmp / f"bare-{stamp}-{i}"), export=False,
+                       checkpoint=replace(b.checkpoint, every_steps=b.steps, keep=1),
+                       fault=replace(b.fault, max_failures=0))
+        t0, c0 = time.time(), cpu.snapshot()
+        pretrain(bare)
+        t_bare.append(time.time() - t0)
+        c_bare.append(cpu.used(c0, cpu.snapshot()))
+
+    for i in range(a.repeats):
+        for run in ((one_trial, bare_run) if i % 2 == 0 else (bare_run, one_trial)):
+            run(i)
+    pair_ratio = [t / b - 1 for t, b in zip(t_trial, t_bare)]
 
     # Steps actually trained (a pruned trial may run a little past its rung before Tune stops it).
     def trained(res) -> int:
@@ -146,19 +249,34 @@ def main(argv=None) -> int:
                    for t in res.trials)
 
     asha_trained, full_trained = trained(asha), trained(full)
+    count = lambda res, s: sum(t.status == s for t in res.trials)  # noqa: E731
     best_full = min(v for v in final.values() if v is not None)
     out = {
         "benchmark": "sweep", "model": "tiny", "configurations": len(keys), "steps_per_trial": a.steps,
-        "rungs": rung_steps, "schedule": "wsd",
+        "rungs": rung_steps, "schedule": "wsd", "scheduler": "RecheckedASHA",
         "asha_steps": asha_trained, "exhaustive_steps": full_trained,
         "compute_ratio": round(asha_trained / full_trained, 3),
+        "asha_completed": count(asha, "completed"), "asha_pruned": count(asha, "pruned"),
+        **({"ray_asha_compute_ratio": round(trained(plain) / full_trained, 3),
+            "ray_asha_completed": count(plain, "completed"),
+            "ray_asha_best_within_1pct": bool(plain.best.loss <= min(final.values()) * 1.01)} if plain else {}),
+        "replay_orders": len(orders), "replay_concurrent": conc,
+        "replay_compute_ratio_mean": round(replayed["rechecked"][0], 3),
+        "replay_compute_ratio_p90": round(replayed["rechecked"][1], 3),
+        "replay_best_within_1pct_share": round(replayed["rechecked"][2], 3),
+        "replay_ray_asha_compute_ratio_mean": round(replayed["ray"][0], 3),
+        "replay_ray_asha_best_within_1pct_share": round(replayed["ray"][2], 3),
         "asha_best_loss": round(asha.best.loss, 4), "exhaustive_best_loss": round(best_full, 4),
         "asha_best_within_1pct": bool(asha.best.loss <= best_full * 1.01),
         **{f"spearman_rung_{r}": round(v, 3) for r, v in rho.items()},
         "rung_decisions_agree": round(float(np.mean(agree)), 3),
         "asha_wall_s": round(t_asha, 1), "exhaustive_wall_s": round(t_full, 1),
-        "overhead_per_trial": round(t_trial / t_bare - 1, 3), "trial_wall_s": round(t_trial, 1),
-        "bare_pretrain_wall_s": round(t_bare, 1),
+        "overhead_per_trial": round(min(c_trial) / min(c_bare) - 1, 3),
+        "overhead_cpu_median_of_pairs": round(float(np.median([t / b - 1 for t, b in zip(c_trial, c_bare)])), 3),
+        "trial_cpu_s": [round(t, 1) for t in c_trial], "bare_pretrain_cpu_s": [round(t, 1) for t in c_bare],
+        "overhead_wall": round(min(t_trial) / min(t_bare) - 1, 3),
+        "overhead_wall_median_of_pairs": round(float(np.median(pair_ratio)), 3),
+        "trial_wall_s": [round(t, 1) for t in t_trial], "bare_pretrain_wall_s": [round(t, 1) for t in t_bare],
     }
     print(json.dumps(out))
     return 0

@@ -7,6 +7,7 @@
     python jobs/pretrain.py --size 1.3b --gpu a100-80gb --num-workers 64 --set deepspeed.zero_stage=2 \
         --deepspeed-config ds_extra.json                     # GPU nodes autoscaled from zero: say type and count
     python jobs/pretrain.py --size 12.8b --plan --gpus 256 --gpu a100-80gb   # the plan's arithmetic only
+    python jobs/pretrain.py --size 1.3b --plan --gpus 64 --ladder work/ladder/<hash>/ladder.json  # + predicted loss
     python jobs/pretrain.py --config work/sweep/<hash>/best.json --size 1.3b   # a sweep's winner, at another size
 
 --data defaults to $POLYKO_DATA, else the token dataset under the work dir ($POLYKO_WORK_DIR/data/tokens, as
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--plan", action="store_true", help="print the memory/throughput plan and exit (no cluster)")
     p.add_argument("--gpus", type=int, help="--plan: number of GPUs")
     p.add_argument("--seq-len", type=int, default=2048, help="--plan: sequence length")
+    p.add_argument("--ladder", metavar="LADDER_JSON",
+                   help="--plan: ladder.json of `jobs/sweep.py --ladder`: print the predicted final loss beside the days")
     p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     a = p.parse_args(argv)
     try:
@@ -75,8 +78,13 @@ def main(argv=None) -> int:
                          global_batch_tokens=cfg.batch.global_batch_tokens,
                          zero_stage=cfg.deepspeed.zero_stage if explicit_stage else None,
                          stages=(1, 2, 3) if cfg.deepspeed.precision == "bf16" else (0, 1, 2, 3))
-        print(plan.render())
+        try:
+            print(plan.render(ladder=a.ladder))
+        except ValueError as e:
+            p.error(str(e))
         return 0 if plan.fits else 1
+    if a.ladder:
+        p.error("--ladder goes with --plan")
     if a.cpu and (a.gpu or a.simulated_gpus):
         p.error("--cpu contradicts --gpu/--simulated-gpus")
     # Start from --config (or the defaults); a flag overrides the file only when it is given.

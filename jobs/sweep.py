@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--scheduler", choices=["asha", "fifo"], help="early stopping (default asha)")
     p.add_argument("--grace-period", type=int, help="asha: steps before the first rung")
     p.add_argument("--reduction-factor", type=int, help="asha: keep 1/rf of the trials per rung (default 3)")
+    p.add_argument("--no-recheck", action="store_true",
+                   help="asha: Ray's plain ASHA (decide once per rung, on arrival) instead of also stopping a "
+                        "running trial that later arrivals push out of the top 1/rf")
     p.add_argument("--max-steps", type=int, help="steps of a trial that runs to the end")
     p.add_argument("--concurrent", type=int, help="most trials at once (default: what the cluster fits)")
     p.add_argument("--num-workers", type=int, help="training workers per trial (default 1)")
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
                            (a.reduction_factor, "reduction_factor")):
             if flag is not None:
                 setattr(cfg.scheduler, attr, flag)
+        if a.no_recheck:
+            cfg.scheduler.recheck = False
         if not cfg.base.data.path or not cfg.base.data.tokenizer:
             p.error("--data and --tokenizer are required")
 

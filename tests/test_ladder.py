@@ -85,3 +85,43 @@ def test_real_tiny_ladder_fits_predicts_plots_and_logs(tmp_path, polyglot_tokeni
     assert run.data.metrics["predicted_loss/1.3b"] == pytest.approx(r.predictions["1.3b"]["loss"])
     assert "loo_error_mean" in run.data.metrics and "fit_alpha" in run.data.metrics
     print(r.report())
+
+
+def test_plan_prints_the_ladder_prediction_beside_the_days(tmp_path, capsys):
+    """``jobs/pretrain.py --plan --ladder ladder.json``: the fit's predicted final loss for the planned size and
+    token budget, with the bootstrap interval, right after the plan's time (a ladder.json made by the same code
+    as ``run_ladder``, from noisy points of a known law)."""
+    import importlib.util
+    from pathlib import Path
+
+    from polyko import plan as P
+    from polyko.model import build_config
+    from polyko.sweep.ladder import non_embedding_params, predict_from_ladder, summarize
+
+    path = tmp_path / "ladder.json"
+    path.write_text(json.dumps(summarize(synthetic(0.003), samples=10)))
+    c = CHINCHILLA
+    n = non_embedding_params(build_config("1.3b"))
+    truth = c["E"] + c["A"] / n ** c["alpha"] + c["B"] / 213e9 ** c["beta"]
+    p = predict_from_ladder(path, "1.3b")
+    assert p["tokens"] == 213e9 and p["low"] < p["loss"] < p["high"] and p["high"] - p["low"] < 0.5
+    assert p["loss"] == pytest.approx(truth, rel=0.06)  # 100x past the ladder's largest model, 0.3 % noise
+
+    spec = importlib.util.spec_from_file_location("pretrain_job", Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--plan", "--size", "1.3b", "--gpus", "64", "--gpu", "h100", "--ladder", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("time"))
+    assert lines[at + 1].split()[:3] == ["predicted", "final", "loss"], lines
+    assert f"{p['loss']:.3f} (90% {p['low']:.3f}-{p['high']:.3f}) at 213.0B tokens" in lines[at + 1]
+    # Another token budget (python -m polyko.plan --tokens): the law at that budget, not the paper's.
+    assert P.main(["--size", "1.3b", "--gpus", "64", "--gpu", "h100", "--tokens", "26e9", "--ladder", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "predicted final loss" in x)
+    q = predict_from_ladder(path, "1.3b", 26e9)
+    assert q["loss"] > p["loss"] and f"{q['loss']:.3f}" in line and "26.0B tokens" in line
+    bad = tmp_path / "not-a-ladder.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        job.main(["--plan", "--size", "1.3b", "--ladder", str(bad)])
+    assert e.value.code == 2 and "not a ladder.json" in capsys.readouterr().err

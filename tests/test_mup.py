@@ -93,3 +93,91 @@ def test_learning_rate_transfers_across_widths_under_mup_not_sp(token_rows):
     assert sp_best[0] / sp_best[-1] >= 4, sp_best  # SP's optimum moves down with width
     print(f"best lr by width {widths}: muP {mup_best}, SP {sp_best}")
     assert all(math.isfinite(v) for v in mup_best)
+
+
+@pytest.fixture(scope="module")
+def gloo_world():
+    """torch.distributed with gloo, world size 1, in this process (what a single Ray Train worker has)."""
+    import importlib
+    import os
+
+    import torch.distributed as dist
+
+    from polyko.cluster import free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no JIT of an unused op
+    import deepspeed
+
+    if dist.is_initialized():
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()  # leave no world behind for later subprocesses
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_mup_checkpoint_exports_a_standard_gpt_neox_with_the_trained_logits(stage, tmp_path, gloo_world,
+                                                                            polyglot_tokenizer_dir):
+    """A μP model trained a step by a real DeepSpeed engine, saved as the train loop saves it
+    (``config.model.parametrization = "mup"`` in the metadata), exports to a plain GPT-NeoX whose HF logits
+    are the trained model's under μP attention scaling; the same export read as standard would not be."""
+    import json as _json
+    import shutil
+
+    import deepspeed
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+
+    from polyko.train import checkpoint as ckpt_io
+    from polyko.train.export import export_hf, mup_query_factor
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(width_config(128, vocab_size=512))  # head dim 32: μP scale 4/32, SP 1/sqrt(32)
+    groups = apply_mup(model, lr=1e-3)
+    for g in groups:
+        g.pop("mup_group")  # DeepSpeed's optimizer takes ordinary groups (lr, weight_decay; lr_mult rides along)
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+    x = torch.randint(0, 512, (2, 32))
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    engine.eval()
+    with torch.no_grad():
+        want = engine.module(input_ids=x).logits
+    meta = {"step": 1, "tokens_seen": 64, "zero_stage": stage, "precision": "fp32", "world_size": 1,
+            "model_config": model.config.to_dict(), "tokenizer": str(polyglot_tokenizer_dir),
+            "config": {"model": {"size": "tiny", "parametrization": "mup"}}}
+    local = ckpt_io.save(engine, 1, meta)
+    try:
+        factor = mup_query_factor(meta)
+        assert factor == pytest.approx((4 / 32) * 32 ** 0.5)
+        # Without the scale in the HF config (a loop that did not record it), the same factor from the head dim.
+        bare = {**meta, "model_config": {k: v for k, v in meta["model_config"].items() if not k.startswith("mup_")}}
+        assert mup_query_factor(bare) == pytest.approx(factor)
+        out = export_hf(local, tmp_path / "hf", link_run=False)
+        cfg = _json.loads((out / "config.json").read_text())
+        assert not any(k.startswith("mup_") for k in cfg)  # a standard GPT-NeoX config
+        assert _json.loads((out / "polyko_export.json").read_text())["parametrization"] == "mup"
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert hf.gpt_neox.layers[0].attention.scaling == pytest.approx(32 ** -0.5)
+        with torch.no_grad():
+            got = hf(input_ids=x).logits
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        # The export read as standard (no fold) gives other logits: the fold is what makes them equal.
+        meta_sp = _json.loads((local / ckpt_io.META).read_text())
+        meta_sp["config"]["model"]["parametrization"] = "standard"
+        (local / ckpt_io.META).write_text(_json.dumps(meta_sp))
+        sp = AutoModelForCausalLM.from_pretrained(export_hf(local, tmp_path / "sp", link_run=False)).eval()
+        with torch.no_grad():
+            assert (sp(input_ids=x).logits - want).abs().max() > 1e-3
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from polyko.model import PRESETS, build_config, count_params
 
@@ -253,8 +254,10 @@ class Plan:
     def gpu_hours(self) -> float:
         return self.days * 24 * self.gpus
 
-    def render(self) -> str:
-        """A readable table (what ``jobs/pretrain.py --plan`` and ``python -m polyko.plan`` print)."""
+    def render(self, ladder: str | Path | None = None) -> str:
+        """A readable table (what ``jobs/pretrain.py --plan`` and ``python -m polyko.plan`` print); with
+        ``ladder`` (a ``ladder.json`` of ``python jobs/sweep.py --ladder``) the scaling law's predicted final
+        loss at this plan's token budget is printed beside its time."""
         mem = self.memory
         chosen = mem[self.zero_stage]
         lines = [
@@ -287,6 +290,10 @@ class Plan:
             f"  {'token budget':<26}{self.tokens / 1e9:,.1f}B tokens = {self.steps:,} steps",
             f"  {'time':<26}{self.days:,.1f} days ({self.gpu_hours:,.0f} GPU-hours)",
         ]
+        if ladder is not None:
+            from polyko.sweep.ladder import predicted_loss_line
+
+            lines.append(predicted_loss_line(self.size, ladder, self.tokens))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -488,11 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mfu", type=float, default=0.45)
     ap.add_argument("--tokens", type=float, default=None, help="token budget (default: the paper's)")
     ap.add_argument("--no-activation-checkpointing", action="store_true")
+    ap.add_argument("--ladder", help="ladder.json of a scaling-law ladder: print the predicted final loss")
     a = ap.parse_args(argv)
     plan = make_plan(a.size, gpus=a.gpus, gpu=a.gpu, seq_len=a.seq_len, global_batch_tokens=a.global_batch_tokens,
                      zero_stage=a.zero_stage, micro_batch=a.micro_batch, mfu=a.mfu, tokens=a.tokens,
                      activation_checkpointing=not a.no_activation_checkpointing)
-    print(plan.render())
+    try:
+        print(plan.render(ladder=a.ladder))
+    except ValueError as e:
+        ap.error(str(e))
     return 0 if plan.fits else 1
 
 

@@ -57,7 +57,8 @@ class ScalingFit:
 
     def optimal_split(self, compute: float) -> tuple[float, float]:
         """Compute-optimal ``(N, D)`` for ``C = 6 N D`` FLOPs (Chinchilla eq. 4)."""
-        a, b = self.beta / (self.alpha + self.beta), self.alpha / (self.alpha + self.beta)
+        # N_opt = G (C/6)^a with a = beta / (alpha + beta); D_opt = (C/6) / N_opt follows from C = 6 N D.
+        a = self.beta / (self.alpha + self.beta)
         g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
         n = g * (compute / 6) ** a
         return n, (compute / 6) / n
@@ -141,21 +142,76 @@ def _starts_near(fit: ScalingFit) -> list[np.ndarray]:
     return [x, x + np.array([1.0, 1.0, 0.0, 0.1, 0.1]), x - np.array([1.0, 1.0, 0.0, 0.1, 0.1])]
 
 
-def bootstrap(points: list[LadderPoint], fit: ScalingFit, targets: dict[str, tuple[float, float]], *,
-              samples: int = 50, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """``{name: (5th, 95th percentile)}`` of the predicted loss at ``targets`` ``{name: (N, D)}`` over fits to
-    resampled ladders (points drawn with replacement; draws with fewer than 5 distinct points are redrawn)."""
+def bootstrap_fits(points: list[LadderPoint], fit: ScalingFit, *, samples: int = 50, seed: int = 0) -> list[ScalingFit]:
+    """Fits to ``samples`` resampled ladders (points drawn with replacement; draws with fewer than 5 distinct
+    points are redrawn), each started from ``fit``."""
     rng = np.random.default_rng(seed)
-    preds: dict[str, list[float]] = {k: [] for k in targets}
+    fits = []
     for _ in range(samples):
         while True:
             idx = rng.integers(0, len(points), len(points))
             if len(set(idx.tolist())) >= 5:
                 break
-        f = fit_scaling_law([points[i] for i in idx], starts=_starts_near(fit))
-        for k, (n, d) in targets.items():
-            preds[k].append(float(f.predict(n, d)))
-    return {k: (float(np.percentile(v, 5)), float(np.percentile(v, 95))) for k, v in preds.items()}
+        fits.append(fit_scaling_law([points[i] for i in idx], starts=_starts_near(fit)))
+    return fits
+
+
+def interval(fits: list[ScalingFit], n: float, d: float) -> tuple[float, float]:
+    """5th and 95th percentile of the loss ``fits`` predict at ``(n, d)``."""
+    preds = [float(f.predict(n, d)) for f in fits]
+    return float(np.percentile(preds, 5)), float(np.percentile(preds, 95))
+
+
+def bootstrap(points: list[LadderPoint], fit: ScalingFit, targets: dict[str, tuple[float, float]], *,
+              samples: int = 50, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """``{name: (5th, 95th percentile)}`` of the predicted loss at ``targets`` ``{name: (N, D)}`` over
+    :func:`bootstrap_fits`."""
+    fits = bootstrap_fits(points, fit, samples=samples, seed=seed)
+    return {k: interval(fits, n, d) for k, (n, d) in targets.items()}
+
+
+def summarize(points: list[LadderPoint], *, samples: int = 50, seed: int = 0) -> dict[str, Any]:
+    """What ``ladder.json`` holds: the points, the fit, its leave-one-out errors, the bootstrap fits and the
+    predictions (with 90 % intervals) for the released sizes at their paper token budgets."""
+    fit = fit_scaling_law(points)
+    loo = leave_one_out(points, fit)
+    fits = bootstrap_fits(points, fit, samples=samples, seed=seed)
+    preds = {}
+    for s, (n, d) in paper_targets().items():
+        low, high = interval(fits, n, d)
+        preds[s] = {"N": n, "tokens": d, "loss": float(fit.predict(n, d)), "low": low, "high": high}
+    return {"points": [p.__dict__ for p in points], "fit": fit.as_dict(), "loo": loo,
+            "bootstrap_fits": [f.as_dict() for f in fits], "predictions": preds}
+
+
+def predict_from_ladder(ladder_json: str | Path, size: str, tokens: float | None = None) -> dict[str, float]:
+    """``{N, tokens, loss, low, high}`` for ``size`` (a preset) trained on ``tokens`` (default: its paper
+    budget), from a ``ladder.json``: the fit's prediction and the 5-95 % range of its bootstrap fits."""
+    from polyko.model import PRESETS, build_config
+    from polyko.plan import PAPER_TOKENS
+
+    path = Path(ladder_json)
+    try:
+        data = json.loads(path.read_text())
+        fit = ScalingFit(**data["fit"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a ladder.json (python jobs/sweep.py --ladder writes one): {e}") from None
+    if size not in PRESETS:
+        raise ValueError(f"unknown model size {size!r}")
+    if tokens is None:
+        tokens = float(PAPER_TOKENS.get(size) or 0) or None
+    if not tokens:
+        raise ValueError(f"{size} has no paper token budget: give the tokens to predict at")
+    n = float(non_embedding_params(build_config(size)))
+    fits = [ScalingFit(**f) for f in data.get("bootstrap_fits") or []]
+    if fits:
+        low, high = interval(fits, n, tokens)
+    else:  # a ladder.json without bootstrap fits: its stored interval, at the paper budget only
+        p = (data.get("predictions") or {}).get(size)
+        if p is None or float(p["tokens"]) != float(tokens):
+            raise ValueError(f"{path} has no bootstrap fits to give an interval for {size} at {tokens:.3g} tokens")
+        low, high = p["low"], p["high"]
+    return {"N": n, "tokens": float(tokens), "loss": float(fit.predict(n, tokens)), "low": low, "high": high}
 
 
 def non_embedding_params(model_config) -> int:
@@ -284,15 +340,10 @@ def run_ladder(cfg: LadderConfig, *, ray_address: str | None = None) -> LadderRe
     grid = list(itertools.product(cfg.widths, cfg.depths, cfg.steps))
     refs = [task.remote(to_dict(cfg.base), w, dp, s, cfg.loss_window, cfg.threads) for w, dp, s in grid]
     points = [LadderPoint(**r) for r in ray.get(refs)]
-    fit = fit_scaling_law(points)
-    loo = leave_one_out(points, fit)
-    targets = paper_targets()
-    band = bootstrap(points, fit, targets)
-    preds = {s: {"N": n, "tokens": d, "loss": float(fit.predict(n, d)), "low": band[s][0], "high": band[s][1]}
-             for s, (n, d) in targets.items()}
-    (out / "ladder.json").write_text(json.dumps({"points": [p.__dict__ for p in points], "fit": fit.as_dict(),
-                                                 "loo": loo, "predictions": preds}, indent=2))
-    plot(points, fit, out / "ladder.png", targets=targets)
+    summary = summarize(points)
+    fit, loo, preds = ScalingFit(**summary["fit"]), summary["loo"], summary["predictions"]
+    (out / "ladder.json").write_text(json.dumps(summary, indent=2))
+    plot(points, fit, out / "ladder.png", targets=paper_targets())
     res = LadderResult(points=points, fit=fit, loo=loo, predictions=preds, output=out)
     parents = tracking.lineage(resolve_tokens_dir(cfg.base.data.path), cfg.base.data.tokenizer)
     exp = tracking.get_or_create_experiment(tracking.experiment_name("sweep"))
@@ -350,12 +401,10 @@ def plot(points: list[LadderPoint], fit: ScalingFit, path: Path, *, targets: dic
     return path
 
 
-def predicted_loss_line(size: str, ladder_json: str | Path) -> str:
-    """One line for a capacity plan: the ladder's predicted final loss of ``size`` at its paper token budget,
-    with the bootstrap interval (``ladder_json``: the ``ladder.json`` a ladder run writes)."""
-    data = json.loads(Path(ladder_json).read_text())
-    p = data["predictions"].get(size)
-    if p is None:
-        raise ValueError(f"{ladder_json} has no prediction for {size!r} (has {sorted(data['predictions'])})")
+def predicted_loss_line(size: str, ladder_json: str | Path, tokens: float | None = None) -> str:
+    """One line for a capacity plan: the ladder's predicted final loss of ``size`` at ``tokens`` (default:
+    its paper budget), with the bootstrap 90 % interval (``ladder_json``: the ``ladder.json`` a ladder run
+    writes)."""
+    p = predict_from_ladder(ladder_json, size, tokens)
     return (f"  {'predicted final loss':<26}{p['loss']:.3f} (90% {p['low']:.3f}-{p['high']:.3f}) at "
-            f"{p['tokens'] / 1e9:.0f}B tokens, from the scaling-law ladder {ladder_json}")
+            f"{p['tokens'] / 1e9:,.1f}B tokens, from the scaling-law ladder {ladder_json}")

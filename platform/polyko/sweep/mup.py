@@ -81,8 +81,7 @@ def apply_mup(model, *, base_hidden: int | None = None, base_head_dim: int | Non
             groups[g].append(p)
             if g in std:
                 p.normal_(0.0, std[g])
-    # 1/d attention: base scale 1/sqrt(d_base) times d_base/d, equal to SP at the base head dim.
-    scale = (base_head_dim ** 0.5) / head_dim
+    scale = attention_scale(head_dim, base_head_dim)
     for module in model.modules():
         if hasattr(module, "scaling") and hasattr(module, "query_key_value"):
             module.scaling = scale
@@ -90,6 +89,13 @@ def apply_mup(model, *, base_hidden: int | None = None, base_head_dim: int | Non
     model.config.mup_attention_scale = scale
     return [{"params": ps, "lr": lr * mult[g], "lr_mult": mult[g], "mup_group": g,
              "weight_decay": 0.0 if g == "vector" else weight_decay} for g, ps in groups.items() if ps]
+
+
+def attention_scale(head_dim: int, base_head_dim: int | None = None) -> float:
+    """μP's attention-logit scale for ``head_dim`` (1/d): the base model's 1/sqrt(d_base) times d_base/d, so
+    at the base head dim (``tiny``'s 16 unless given) it is the standard 1/sqrt(d)."""
+    base_head_dim = base_head_dim or base_shape()[1]
+    return (base_head_dim ** 0.5) / head_dim
 
 
 def standard_groups(model, *, lr: float = 1e-3, weight_decay: float = 0.0) -> list[dict[str, Any]]:

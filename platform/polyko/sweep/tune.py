@@ -6,8 +6,10 @@ Each trial is the same code as ``jobs/pretrain.py``: a Tune function trainable (
 pattern; ``Tuner(trainer)`` is deprecated). The checkpoint cadence of a trial is the scheduler's rung interval,
 so ASHA sees a loss exactly at each rung.
 
-* **Schedulers**: ``asha`` (asynchronous successive halving on the step count, rungs ``grace * rf**k``) or
-  ``fifo`` (every trial to the end). Sweeps default to the WSD learning-rate schedule (``optim.schedule=wsd``):
+* **Schedulers**: ``asha`` (asynchronous successive halving on the step count, rungs ``grace * rf**k``; a
+  running trial is also stopped once it falls out of the top ``1/rf`` of the highest rung it reached, as later
+  trials arrive there: :mod:`polyko.sweep.asha`) or ``fifo`` (every trial to the end). Sweeps default to the
+  WSD learning-rate schedule (``optim.schedule=wsd``):
   rungs placed in its stable phase compare configurations at the same constant lr, where cosine's mid-run
   losses rank them differently from its final ones (rungs that fall in the decay phase are warned about).
 * **Resources**: a trial driver needs no CPU (``{"CPU": 0}``): it only waits on its workers, so drivers never
@@ -62,6 +64,9 @@ class SchedulerConfig:
     kind: str = "asha"                 # asha | fifo
     grace_period: int | None = None    # asha: steps before the first rung; None: steps // reduction_factor**2 (>= 1)
     reduction_factor: int = 3          # asha: keep the best 1/rf of trials at each rung; rungs at grace * rf**k
+    # asha: also stop a running trial once it leaves the top 1/rf of the highest rung it reached, as more trials
+    # get there (polyko.sweep.asha); False: Ray's ASHA, which decides once, on arrival, so early trials go on
+    recheck: bool = True
 
 
 @dataclass
@@ -302,7 +307,7 @@ def classify_failure(error: BaseException) -> tuple[str, str]:
     elif isinstance(error, WorkerGroupError) and error.worker_failures:
         root = next(iter(error.worker_failures.values()))
     text = f"{type(root).__name__}: {root}"
-    if isinstance(root, TrialDiverged) or "TrialDiverged" in text:
+    if isinstance(root, TrialDiverged) or "TrialDiverged" in text or "GuardStopped" in text:
         return "diverged", str(root).split("\n")[0][:500]
     low = text.lower()
     oom = (isinstance(root, MemoryError) or "OutOfMemory" in type(root).__name__ or "out of memory" in low
@@ -388,6 +393,21 @@ def run_trial(values: dict[str, Any], plan: _Plan) -> None:
             return
         kind, msg = classify_failure(e)
         _fail(out, kind, msg)
+    if not final.is_file():  # the run ended before its last step without an error: the loop's guard stopped it
+        _fail(out, "diverged", guard_stop_reason(out) or "training ended before its last step")
+
+
+def guard_stop_reason(out: Path) -> str | None:
+    """Why the training loop's spike/NaN guard stopped the run in ``out`` (its ``guard_events.json``), e.g.
+    ``stopped at step 4: no healthy checkpoint to roll back to (first anomaly: nonfinite_loss at step 1)``."""
+    from polyko.train.guard import EVENTS_FILE
+
+    ev = _read_json(out / EVENTS_FILE)
+    if not ev or not ev.get("reason") or ev["reason"] == "running":
+        return None
+    first = (ev.get("events") or [{}])[0]
+    more = f" (first anomaly: {first['kind']} at step {first['step']})" if "kind" in first else ""
+    return f"{ev['reason']}{more}"[:500]
 
 
 def _fail(out: Path, kind: str, message: str) -> None:
@@ -496,7 +516,7 @@ def _summary(trial_or_result, out: Path, steps: int, latest: dict | None = None)
         failed = state == "ERROR"
     else:  # Result
         r = trial_or_result
-        last, values = r.metrics or {}, r.config
+        last, values = r.metrics or {}, r.config or {}  # no config: a trial an interrupted sweep never started
         tid = Path(r.path).name  # trial_dirname_creator: the trial id
         failed, state = r.error is not None, "TERMINATED"
     step = int(last.get("step", 0) or 0)
@@ -559,6 +579,10 @@ def sweep(cfg: SweepConfig, *, ray_address: str | None = None) -> SweepResult:
     out.mkdir(parents=True, exist_ok=True)
     # Tune saves its experiment state at most this often; short, so a killed driver loses little.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's default loggers, less TensorBoard's: the CSV/JSON results are what its result grid reads (passed
+    # below); TensorBoard event files duplicate the MLflow curves and cost a tensorboardX import and a write
+    # per report.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
     import mlflow
     from ray import tune
@@ -588,9 +612,11 @@ def sweep(cfg: SweepConfig, *, ray_address: str | None = None) -> SweepResult:
                                        resume_errored=False, restart_errored=False)
         else:
             if cfg.scheduler.kind == "asha":
-                scheduler = tune.schedulers.ASHAScheduler(
-                    time_attr="step", max_t=steps, grace_period=grace_period(cfg),
-                    reduction_factor=cfg.scheduler.reduction_factor)
+                from polyko.sweep.asha import RecheckedASHA
+
+                asha = RecheckedASHA if cfg.scheduler.recheck else tune.schedulers.ASHAScheduler
+                scheduler = asha(time_attr="step", max_t=steps, grace_period=grace_period(cfg),
+                                 reduction_factor=cfg.scheduler.reduction_factor)
             else:
                 scheduler = tune.schedulers.FIFOScheduler()
             tuner = tune.Tuner(
@@ -600,8 +626,9 @@ def sweep(cfg: SweepConfig, *, ray_address: str | None = None) -> SweepResult:
                     trial_dirname_creator=_trial_dirname,
                     # (max_concurrent_trials is ignored with a generator: the limit goes here)
                     search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=k)),
-                run_config=tune.RunConfig(name="tune", storage_path=str(out), callbacks=[callback], verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=0)))
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(out), verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                    callbacks=[callback, tune.logger.CSVLoggerCallback(), tune.logger.JsonLoggerCallback()]))
         grid = tuner.fit()
         trials = [_summary(r, out, steps) for r in grid]
         for t in trials:

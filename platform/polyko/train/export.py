@@ -48,6 +48,9 @@ class LazyTensor:
     that concatenate to it (in order)."""
     shape: tuple[int, ...]
     pieces: list  # of 1-D torch tensors backed by an mmap of a checkpoint file
+    # μP export: (head_dim, factor) multiplies the query rows of a GPT-NeoX query_key_value weight/bias
+    # (per head [q, k, v] blocks of head_dim rows) by factor as it is written (polyko.sweep.mup)
+    query_scale: tuple[int, float] | None = None
 
     @property
     def numel(self) -> int:
@@ -206,6 +209,18 @@ def _out_dtype(t: LazyTensor, dtype):
     return dtype if t.dtype.is_floating_point else t.dtype
 
 
+def _scale_query_rows(chunk, start: int, t: LazyTensor):
+    """``chunk`` (elements ``start...`` of ``t`` flattened, any dtype) with its query-row elements times
+    ``t.query_scale``'s factor, as a new fp32 tensor (the mapped checkpoint is never written)."""
+    import torch
+
+    head_dim, factor = t.query_scale
+    cols = _numel(t.shape[1:])
+    rows = torch.arange(start, start + chunk.numel(), dtype=torch.int64) // cols
+    is_query = (rows % (3 * head_dim)) < head_dim
+    return torch.where(is_query, chunk.float() * factor, chunk.float())
+
+
 def write_safetensors(path: Path, tensors: list[tuple[str, LazyTensor]], dtype) -> int:
     """Write ``tensors`` (floating ones cast to ``dtype``) as one safetensors file, streaming; returns bytes.
 
@@ -228,13 +243,16 @@ def write_safetensors(path: Path, tensors: list[tuple[str, LazyTensor]], dtype) 
         f.write(h)
         for _, t in tensors:
             dt = _out_dtype(t, dtype)
+            at = 0  # flat offset of the piece in the tensor
             for piece in t.pieces:
                 for a in range(0, piece.numel(), CHUNK_ELEMS):
                     c = piece[a:a + CHUNK_ELEMS]
-                    o = c if c.dtype == dt else c.to(dt)
+                    o = c if t.query_scale is None else _scale_query_rows(c, at + a, t)
+                    o = o if o.dtype == dt else o.to(dt)
                     f.write(memoryview(o.contiguous().view(torch.uint8).numpy()))
                     del o
                     _drop_pages(c)
+                at += piece.numel()
     return off
 
 
@@ -287,6 +305,10 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokeniz
     config = GPTNeoXConfig.from_dict(meta["model_config"])
     config.use_cache = True
     config.dtype = torch_dtype
+    fold = mup_query_factor(meta)
+    for key in ("mup_width_mult", "mup_attention_scale"):  # the export is a standard GPT-NeoX
+        if hasattr(config, key):
+            delattr(config, key)
 
     tensors = checkpoint_tensors(checkpoint)
     expected = expected_tensors(config)
@@ -303,6 +325,11 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokeniz
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    if fold is not None:  # μP: its attention scale folded into the query rows (exact; HF's 1/sqrt(d) stays)
+        head_dim = config.hidden_size // config.num_attention_heads
+        for k in expected:
+            if "query_key_value" in k:
+                tensors[k] = LazyTensor(tensors[k].shape, tensors[k].pieces, query_scale=(head_dim, fold))
     _write_weights(tmp, [(k, tensors[k]) for k in expected], torch_dtype, max_shard_bytes)
     del tensors  # unmaps the checkpoint files
     config.save_pretrained(tmp)
@@ -317,13 +344,42 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokeniz
     tok.save_pretrained(tmp)
     (tmp / "polyko_export.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint.resolve()), "step": meta["step"], "tokens_seen": meta["tokens_seen"],
-         "pretrain_run_id": meta.get("run_id"), "dtype": dtype}, indent=2))
+         "pretrain_run_id": meta.get("run_id"), "dtype": dtype, "parametrization": parametrization(meta),
+         **({"query_scale_folded": fold} if fold is not None else {})}, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)  # the export appears complete or not at all
     if link_run:
         _track_export(out, checkpoint, meta, tok_dir)
     return out
+
+
+def parametrization(meta: dict) -> str:
+    """``standard`` or ``mup``: how the checkpoint's model was trained (``config.model.parametrization`` in
+    its metadata; checkpoints from before the field are standard)."""
+    p = ((meta.get("config") or {}).get("model") or {}).get("parametrization") or "standard"
+    if p not in ("standard", "mup"):
+        raise ValueError(f"checkpoint has an unknown model.parametrization {p!r} (standard or mup)")
+    return p
+
+
+def mup_query_factor(meta: dict) -> float | None:
+    """For a μP checkpoint, the factor its query rows are multiplied by so that HF's standard attention scale
+    ``1/sqrt(d_head)`` gives μP's ``s`` (``model_config.mup_attention_scale`` as training set it, else
+    :func:`polyko.sweep.mup.attention_scale` of the model's head dim): ``s * sqrt(d_head)``, the factor
+    :func:`polyko.sweep.mup.fold_attention_scale` applies. ``None`` for a standard checkpoint."""
+    import math
+
+    if parametrization(meta) != "mup":
+        return None
+    mc = meta["model_config"]
+    head_dim = mc["hidden_size"] // mc["num_attention_heads"]
+    scale = mc.get("mup_attention_scale")
+    if scale is None:
+        from polyko.sweep.mup import attention_scale
+
+        scale = attention_scale(head_dim)
+    return float(scale) * math.sqrt(head_dim)
 
 
 def _write_weights(out: Path, tensors: list[tuple[str, LazyTensor]], dtype, max_shard_bytes: int) -> None:
