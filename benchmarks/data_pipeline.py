@@ -25,10 +25,18 @@ Figures (all measured in this process, on this machine, on the same text):
 * ``text_mb_s_per_core`` per scale: the input's TEXT bytes (UTF-8 of the ``text`` field; not JSON file
   bytes) / wall seconds of ``run_pipeline`` (read + clean + decontaminate-free + dedup [+ pack]) / CPUs of
   the Ray cluster; ``ratio_by_scale`` = that / the tokenizer's (goal >= 0.5 at 10x and 50x).
+* ``cpu_s`` per scale: CPU seconds (user + system) of the whole process tree during the run;
+  ``cpu_ratio_by_scale`` = (text MB / cpu_s) / ``tokenizer_cpu_mb_s_per_core``, the same ratio on CPU
+  time, which other jobs on the machine do not deflate (it still counts Ray's own idle polling, so a
+  longer wall time raises it a little); ``core_utilisation`` = cpu_s / (wall x CPUs): how much of
+  the cluster the run kept busy (wall ratio ~ cpu ratio x utilisation on a quiet machine).
 * ``peak_rss_mb`` per scale: peak summed RSS of this process and all its descendants (Ray's GCS,
   raylet, object store, workers), sampled every 0.25 s; ``rss_ratio`` = largest scale / previous
   scale (goal <= 1.3 for 50x / 10x). RSS counts shared object-store pages in every process that maps
   them (over-states in absolute terms); ``--object-store-gb`` caps the store so it spills to disk.
+  ``peak_pss_mb`` / ``pss_ratio``: the same with each process's PSS (shared pages divided among the
+  processes mapping them): the tree's real memory, the figure the memory goal is judged on (RSS
+  counts the object store once per worker that touched it).
 * ``distributed``: the same inputs with ``dedup.local_max_docs=0`` (every dedup step shuffled, what a
   corpus above ``local_max_docs`` takes): seconds, RSS, ``dist_over_local`` (goal <= 2 at the largest
   scale) and whether its output equals the default run's (``same_output``). Above 500k documents
@@ -54,25 +62,41 @@ WINDOW = 16  # ranks per permutation window
 
 
 class PeakRSS:
-    """Peak summed RSS (bytes) of this process tree, sampled in a thread."""
+    """Peak summed RSS (bytes) and CPU seconds of this process tree, sampled in a thread.
+
+    ``cpu_s``: user + system seconds the tree spent while the monitor ran -- per process the last
+    sample minus its value at start (0 for processes born later), so workers that exit between
+    samples lose at most one interval. Unlike wall time it does not grow when other jobs share the
+    cores, which makes it the figure to compare runs on a loaded machine by."""
 
     def __init__(self, interval: float = 0.25) -> None:
         import psutil
 
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self.proc, self.interval, self.peak, self.peak_pss = psutil.Process(), interval, 0, 0
+        self._cpu0: dict[int, float] = {}
+        self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> int:
         import psutil
 
-        total = 0
+        total = pss = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                m = p.memory_full_info()  # Linux: smaps_rollup, PSS included
+                total += m.rss
+                pss += getattr(m, "pss", m.rss)
+                c = p.cpu_times()
+                self._cpu[(p.pid, p.create_time())] = c.user + c.system
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+        self.peak_pss = max(self.peak_pss, pss)
         return total
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(v - self._cpu0.get(k, 0.0) for k, v in self._cpu.items())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -80,12 +104,15 @@ class PeakRSS:
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakRSS":
+        self.sample()
+        self._cpu0 = dict(self._cpu)
         self._t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._t.join()
+        self.sample()
 
 
 def load_corpus(corpus: Path, max_files: int | None) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -160,7 +187,7 @@ def tokenizer_baseline(corpus: list, tables: list, tokenizer_dir: Path, batch: i
     return nbytes / 1e6 / (time.perf_counter() - t0), nbytes / 1e6 / (time.thread_time() - c0)
 
 
-def run_once(inp: Path, out: Path, tokdir: Path | None, local_max_docs: int | None) -> tuple[dict, float, int]:
+def run_once(inp: Path, out: Path, tokdir: Path | None, local_max_docs: int | None) -> tuple[dict, float, int, float, int]:
     from polyko.data.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(output=str(out), inputs=(str(inp),), track=False,
@@ -171,7 +198,7 @@ def run_once(inp: Path, out: Path, tokdir: Path | None, local_max_docs: int | No
         t0 = time.perf_counter()
         stats = run_pipeline(cfg)
         secs = time.perf_counter() - t0
-    return stats, secs, mon.peak
+    return stats, secs, mon.peak, mon.cpu_s, mon.peak_pss
 
 
 def main() -> None:
@@ -205,13 +232,14 @@ def main() -> None:
                  "object_store_gb": args.object_store_gb, "tokenizer_mb_s_per_core": round(tok_mb_s, 3),
                  "tokenizer_cpu_mb_s_per_core": round(tok_cpu_mb_s, 3), "load_avg_1m": round(load, 2),
                  "text_mb": {}, "documents_in": {}, "seconds": {}, "text_mb_s_per_core": {}, "ratio_by_scale": {},
-                 "peak_rss_mb": {}, "dedup_per_1x": {}, "stage_seconds": {}}
-    dist: dict = {"seconds": {}, "peak_rss_mb": {}, "dist_over_local": {}, "same_output": {}}
+                 "peak_rss_mb": {}, "peak_pss_mb": {}, "cpu_s": {}, "cpu_ratio_by_scale": {}, "core_utilisation": {},
+                 "dedup_per_1x": {}, "stage_seconds": {}}
+    dist: dict = {"seconds": {}, "peak_rss_mb": {}, "peak_pss_mb": {}, "dist_over_local": {}, "same_output": {}}
     with tempfile.TemporaryDirectory(prefix="polyko-bench-", dir=args.workdir) as tmp:
         for n in scales:
             inp, text_bytes = write_scale(corpus, tables, Path(tmp), n)
             key = f"x{n}"
-            stats, secs, peak = run_once(inp, Path(tmp) / f"out{n}", None if args.no_pack else tokdir, None)
+            stats, secs, peak, cpu_s, pss = run_once(inp, Path(tmp) / f"out{n}", None if args.no_pack else tokdir, None)
             mb = text_bytes / 1e6
             res["text_mb"][key] = round(mb, 1)
             res["documents_in"][key] = stats["documents_in"]
@@ -219,14 +247,19 @@ def main() -> None:
             res["text_mb_s_per_core"][key] = round(mb / secs / cpus, 3)
             res["ratio_by_scale"][key] = round(mb / secs / cpus / tok_mb_s, 3)
             res["peak_rss_mb"][key] = round(peak / 2**20)
+            res["peak_pss_mb"][key] = round(pss / 2**20)
+            res["cpu_s"][key] = round(cpu_s, 1)
+            res["cpu_ratio_by_scale"][key] = round(mb / cpu_s / tok_cpu_mb_s, 3)
+            res["core_utilisation"][key] = round(cpu_s / secs / cpus, 3)
             res["dedup_per_1x"][key] = {k: round(v / n) for k, v in stats["duplicates_removed"].items()}
             res["stage_seconds"][key] = stats["timings_s"]
             print(f"x{n}: {mb:.0f} MB text in {secs:.0f} s, peak RSS {peak / 2**20:.0f} MB, "
                   f"dedup {stats['duplicates_removed']}", file=sys.stderr, flush=True)
             if not args.no_distributed:
-                dstats, dsecs, dpeak = run_once(inp, Path(tmp) / f"dist{n}", None, 0)
+                dstats, dsecs, dpeak, _, dpss = run_once(inp, Path(tmp) / f"dist{n}", None, 0)
                 dist["seconds"][key] = round(dsecs, 1)
                 dist["peak_rss_mb"][key] = round(dpeak / 2**20)
+                dist["peak_pss_mb"][key] = round(dpss / 2**20)
                 # like for like: the default run without its pack stage
                 local_s = secs - stats["timings_s"].get("pack_s", 0.0)
                 dist["dist_over_local"][key] = round(dsecs / local_s, 3)
@@ -239,6 +272,7 @@ def main() -> None:
             shutil.rmtree(inp, ignore_errors=True)
     if len(scales) > 1:
         res["rss_ratio"] = round(res["peak_rss_mb"][f"x{scales[-1]}"] / res["peak_rss_mb"][f"x{scales[-2]}"], 3)
+        res["pss_ratio"] = round(res["peak_pss_mb"][f"x{scales[-1]}"] / res["peak_pss_mb"][f"x{scales[-2]}"], 3)
     if not args.no_distributed:
         res["distributed"] = dist
     ray.shutdown()

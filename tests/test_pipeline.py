@@ -75,6 +75,20 @@ def test_outputs_and_totals(finished, inputs):
     assert stats["timings_s"]["total_s"] > 0
 
 
+def test_one_intermediate_file_per_split_so_dedup_runs_in_parallel(finished, inputs):
+    """Every input split is its own read+clean task and intermediate file, and the dedup stage reads
+    one file per task: a minimum file size (Ray Data meets it by bundling the write operator's input
+    rows, the splits) or Ray's 128 MiB Parquet read bins put a whole small corpus on one core."""
+    from polyko.data.io import list_splits
+
+    out, _ = finished
+    splits = list_splits([str(inputs["real"]), str(inputs["bad"]["dir"]), str(inputs["rules"])])
+    docs = [f for f in out.glob(".stages/clean-*/docs/*.parquet")]
+    assert len(docs) == len(splits) > 3
+    cleaned = list((out / "cleaned").glob("*.parquet"))
+    assert 3 < len(cleaned) <= len(docs)
+
+
 def test_each_filter_rule_counted_per_source(finished):
     _, stats = finished
     rules = stats["per_source"]["rules"]["filtered"]
@@ -218,3 +232,15 @@ def test_colliding_ids_across_inputs_both_survive(tmp_path, corpus_dir, ray_loca
     assert len(by_id) == 40
     keys = pq.read_table(out / "cleaned", columns=["key"])["key"].to_pylist()
     assert len(set(keys)) == len(keys) == 79
+
+
+def test_corpus_with_every_document_filtered_completes(tmp_path, ray_local):
+    """Nothing survives cleaning (every document too short): the dedup stage gets an empty input and
+    the run still completes with zero documents out (it used to fail on the empty key table)."""
+    d = tmp_path / "in" / "short"
+    d.mkdir(parents=True)
+    (d / "a.jsonl").write_text('{"id": 1, "text": "짧다"}\n{"id": 2, "text": "최고"}\n', encoding="utf-8")
+    (d / "b.jsonl").write_text('{"id": 1, "text": "굿"}\n', encoding="utf-8")
+    stats = _job().main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--set", "track=false"])
+    assert stats["documents_in"] == 3 and stats["documents_out"] == 0
+    assert stats["filtered"] == {"too_short": 3}

@@ -146,7 +146,14 @@ class _KeysFn:
         self.cfg, self.text, self.id, self.source = cfg, text_column, id_column, source_column
         self.hasher = cfg.hasher() if cfg.near else None  # ~4 KB of numpy state, shipped with the task
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, block: pa.Table, rows: int = 4096) -> pa.Table:
+        # slices of ``rows`` documents bound the MinHash work arrays (~100 B per character) whatever
+        # the block size
+        if block.num_rows <= rows:
+            return self._keys(block)
+        return pa.concat_tables([self._keys(block.slice(i, rows)) for i in range(0, block.num_rows, rows)])
+
+    def _keys(self, batch: pa.Table) -> pa.Table:
         texts = batch[self.text].to_pylist()
         if any(t is None for t in texts):
             raise ValueError(f"deduplicate: column {self.text!r} has null values; drop or fill them first")
@@ -376,15 +383,18 @@ def _drop_index(removed: Blocks, rows: int) -> list:
 
 
 def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = "text",
-                id_column: str = "id") -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
+                id_column: str = "id", schema: pa.Schema | None = None) -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
     """(kept, removed). ``removed`` has columns id, source (if the input has it), dup_of (the kept id),
     kind ("exact"|"near") and is materialised (it is small); ``kept`` is lazy, all input columns, in
-    the input's order."""
+    the input's order. ``schema``: the input's schema when the caller knows it (a dataset made by a
+    ``map_batches`` UDF would otherwise run a block just to find its columns)."""
     import ray
 
     if not (cfg.exact or cfg.near):
         raise ValueError("DedupConfig: at least one of exact / near must be enabled")
-    names = ds.schema().names
+    if schema is None:
+        schema = _schema(ds)
+    names = schema.names
     for col in (text_column, id_column):
         if col not in names:
             raise ValueError(f"deduplicate: column {col!r} not in dataset columns {names}")
@@ -394,8 +404,11 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     t0 = time.perf_counter()
 
     # 1. key table (no text)
+    # batch_size=None (whole blocks, sliced inside): a fixed batch size makes Ray Data bundle the
+    # INPUT rows of the fused read operator up to it, and when those rows are file paths (one per
+    # block) that put every file of a small corpus into one task
     keys = ds.select_columns([c for c in (id_column, text_column, source) if c]).map_batches(
-        _KeysFn(cfg, text_column, id_column, source), batch_format="pyarrow", batch_size=4096,
+        _KeysFn(cfg, text_column, id_column, source), batch_format="pyarrow", batch_size=None,
         zero_copy_batch=True).materialize()
     n_docs = keys.count()  # metadata of a materialised dataset: free
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -404,7 +417,7 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     t_keys = time.perf_counter() - t0
     log.info("dedup: keys for %d docs in %.1f s (%.0f docs/s); %d partitions",
              n_docs, t_keys, n_docs / max(t_keys, 1e-9), parts)
-    id_type = _schema(keys).field("id").type
+    id_type = schema.field(id_column).type  # not the key table's: it has none when no document is left
     if n_docs == 0:
         empty = {"id": pa.array([], id_type)}
         if source:
@@ -418,7 +431,11 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
         removed = K.gather(_LocalDedup(cfg, id_column, bool(source)))
         log.info("dedup: one-task path over %d docs", n_docs)
     else:
-        removed = _distributed(ds, K, cfg, parts, id_type, bool(source), text_column, id_column)
+        # handed over in a list and dropped here (with the materialised dataset), so the key table
+        # is freed once its first shuffle read it
+        box, K, keys = [K], None, None
+        removed = _distributed(ds, box, cfg, parts, id_type, bool(source), text_column, id_column,
+                               schema.field(text_column).type)
     removed_ds = removed.to_dataset()
     n_removed = removed.count()
     log.info("dedup: %d of %d docs removed in %.1f s", n_removed, n_docs, time.perf_counter() - t0)
@@ -428,36 +445,48 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     return kept, removed_ds
 
 
-def _distributed(ds, K: Blocks, cfg: DedupConfig, parts: int, id_type: pa.DataType, source: bool,
-                 text_column: str, id_column: str) -> Blocks:
-    """Steps 2-6 as shuffles of the key table (see the module docstring)."""
+def _distributed(ds, key_table: list, cfg: DedupConfig, parts: int, id_type: pa.DataType, source: bool,
+                 text_column: str, id_column: str, text_type: pa.DataType) -> Blocks:
+    """Steps 2-6 as shuffles of the key table (see the module docstring). ``key_table`` is a
+    one-element list holding the key table's Blocks, popped here: every table (~0.6 KB per document
+    with its MinHash signature) is dropped as soon as the tasks that read it are submitted, so Ray
+    frees it once they ran, and at most ~two copies of the signatures hold object store at a time
+    (four did: key table, exact-marked table, representatives, verification table)."""
     red = cfg.reducers
+    K = key_table.pop()
 
     def shuffle(b: Blocks, key: str, fn, pre=None) -> Blocks:
         return b.shuffle(key, parts, fn, reducers=red, pre=pre)
 
     # 2. exact
     marked = shuffle(K, "_xk0", _mark_exact) if cfg.exact else K.map(_no_exact)
+    del K
     m_schema = pa.schema([("id", id_type), ("_rep", id_type)] + ([("source", pa.string())] if source else []))
+    cols = ["id", "_rep"] + (["source"] if source else [])
+    # what step 6 needs of the marked table: no signatures, no bands
+    docs_cols = marked.map(lambda t: t.select(cols))
 
     # 3-5. near: LSH buckets -> candidate edges -> verified -> connected components
     roots = None
     if cfg.near:
         b, _ = cfg.band_rows()
         reps = marked.map(_is_rep)
+        del marked
         explode = _Explode(b)
         edges = shuffle(reps, "_bucket", _star_edges, pre=lambda t: explode(t.select(["id", "_ok", "_bands"])))
+        sigs = reps.map(lambda t: t.select(["id", "_sig"])) if cfg.verify == "minhash" else None
+        del reps
         n_candidates = edges.count()
         if cfg.verify != "none" and n_candidates:
             if cfg.verify == "minhash":
-                table = reps.map(lambda t: t.select(["id", "_sig"]))
+                table = sigs
                 payload, payload_type = "_sig", pa.list_(pa.uint32(), cfg.num_perm)
             else:
                 sel = ds.select_columns([id_column, text_column])
                 if id_column != "id":
                     sel = sel.rename_columns({id_column: "id"})
                 table = Blocks.from_dataset(sel)
-                payload, payload_type = text_column, _schema(ds).field(text_column).type
+                payload, payload_type = text_column, text_type
             table = table.map(_with(_K, lambda t: t["id"]))
             t_schema = pa.schema([("id", id_type), (payload, payload_type), (_K, id_type)])
             e_schema = pa.schema([("src", id_type), ("dst", id_type), (_K, id_type)])
@@ -469,6 +498,8 @@ def _distributed(ds, K: Blocks, cfg: DedupConfig, parts: int, id_type: pa.DataTy
                                      + ([pa.field("_p_src", payload_type)] if end == "src" else [])
                                      + [pa.field(_K, id_type)])
             edges = edges.map(_VerifyFn(cfg))
+            del table
+        sigs = None
         if n_candidates == 0:
             roots = None
         elif n_candidates <= cfg.cc_local_max_edges:
@@ -477,10 +508,9 @@ def _distributed(ds, K: Blocks, cfg: DedupConfig, parts: int, id_type: pa.DataTy
             roots = _components_distributed(edges, parts, red)
 
     # 6. resolve dup_of to the surviving id
-    cols = ["id", "_rep"] + (["source"] if source else [])
     if roots is None:
-        return marked.map(lambda t: _resolve(t.select(cols)))
-    docs = marked.map(lambda t: _with(_K, lambda x: x["_rep"])(t.select(cols)))
+        return docs_cols.map(_resolve)
+    docs = docs_cols.map(_with(_K, lambda x: x["_rep"]))
     rts = roots.map(_with(_K, lambda t: t["id"]))
     d_schema = pa.schema([m_schema.field(c) for c in cols] + [pa.field(_K, id_type)])
     r_schema = pa.schema([("id", id_type), ("_root", id_type), (_K, id_type)])

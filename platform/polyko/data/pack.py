@@ -210,7 +210,8 @@ class ChunkPacker:
 
     def __init__(self, tokenizer_dir: str, tokenizer_hash: str, parts_dir: str, seq_len: int,
                  shard_tokens: int, text_column: str, source_column: str, batch_size: int,
-                 key_column: str = "key", validation_share: float = 0.0, forced_keys: tuple[str, ...] = ()):
+                 key_column: str = "key", validation_share: float = 0.0, forced_keys: tuple[str, ...] = (),
+                 threads: int = 1):
         # One Ray worker = one core: the Rust tokenizer must not start a thread per core as well.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from polyko.tokenizer.bpe import load_tokenizer
@@ -230,8 +231,39 @@ class ChunkPacker:
         self.key_column, self.threshold = key_column, holdout_threshold(validation_share)
         self.split = validation_share > 0
         self.forced = frozenset(forced_keys)
+        # encode_batch_fast releases the GIL: ``threads`` batches are encoded at once (the Rust pool
+        # stays off, TOKENIZERS_PARALLELISM=false); results are consumed in batch order, so the
+        # output does not depend on the thread count
+        self.threads = max(1, min(int(threads), os.cpu_count() or 1))
+
+    def _encode_batches(self, batches, pool):
+        """(batch, texts, kept indices, encodings) in order; with a ``pool``, ``threads`` batches are
+        encoded concurrently."""
+        def enc(b):
+            texts = b.column(self.text_column).to_pylist()
+            keep = [i for i, t in enumerate(texts) if t]
+            return b, texts, keep, (self.tok.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)
+                                    if keep else [])
+
+        if pool is None:
+            yield from map(enc, batches)
+            return
+        it = iter(batches)
+        while True:
+            group = list(itertools.islice(it, self.threads))
+            if not group:
+                return
+            yield from pool.map(enc, group)
 
     def pack(self, index: int, chunk: list[tuple[str, list[int]]]) -> dict[str, Any]:
+        if self.threads == 1:
+            return self._pack(index, chunk, None)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="pack-encode") as pool:
+            return self._pack(index, chunk, pool)
+
+    def _pack(self, index: int, chunk: list[tuple[str, list[int]]], pool: Any) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
         out = self.parts_dir / f"chunk-{index:06d}"
@@ -251,15 +283,14 @@ class ChunkPacker:
                 if self.key_column not in names:
                     raise ValueError(f"{path}: no {self.key_column!r} column to split validation documents by")
                 cols.append(self.key_column)
-            for batch in pf.iter_batches(batch_size=self.batch_size, row_groups=row_groups, columns=cols):
-                texts = batch.column(self.text_column).to_pylist()
+            batches = pf.iter_batches(batch_size=self.batch_size, row_groups=row_groups, columns=cols)
+            for batch, texts, keep, encodings in self._encode_batches(batches, pool):
                 sources = batch.column(self.source_column).to_pylist() if has_src else ["unknown"] * len(texts)
                 keys = batch.column(self.key_column).to_pylist() if self.split else None
-                keep = [i for i, t in enumerate(texts) if t]
                 skipped += len(texts) - len(keep)
                 if not keep:
                     continue
-                ids = [e.ids for e in self.tok.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)]
+                ids = [e.ids for e in encodings]
                 # group the batch's documents per (split, source), keeping their order
                 groups: dict[tuple[bool, str], list[int]] = {}
                 for j, i in enumerate(keep):
@@ -301,9 +332,15 @@ def _run_ray(chunks, kwargs, workers: int | None, ray_address: str | None) -> li
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n = max(1, min(workers or cpus, cpus, len(chunks)))
+        # fewer chunks than CPUs (a corpus under cpus x chunk_bytes): each actor encodes with several
+        # threads and reserves as many CPUs (at most one node's), instead of leaving cores idle
+        threads = 1
+        if workers is None and n < cpus:
+            node_cpus = max(int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive"))
+            threads = max(1, min(cpus // n, node_cpus))
         items = [{"index": i, "chunk": json.dumps(c)} for i, c in enumerate(chunks)]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _PackActor, fn_constructor_kwargs=kwargs, batch_size=1, num_cpus=1,
+            _PackActor, fn_constructor_kwargs={**kwargs, "threads": threads}, batch_size=1, num_cpus=threads,
             # one chunk in flight per actor: a chunk is minutes of work at the default size
             compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1))
         rows = ds.take_all()
@@ -318,7 +355,7 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
                 batch_size: int = 1024, text_column: str = "text", source_column: str = "source",
                 key_column: str = "key", validation_dir: str | os.PathLike | None = None,
                 validation_share: float = 0.0, validation_min_docs: int = 200,
-                workers: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
+                workers: int | None = None, ray_address: str | None = None, threads: int = 1) -> dict[str, Any]:
     """Tokenize ``cleaned_dir`` (Parquet with ``text``/``source``) with ``tokenizer_dir`` and write
     packed ``seq_len`` sequences to ``out_dir``. Returns the manifest (also ``out_dir/manifest.json``).
 
@@ -327,6 +364,8 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
     of uint16). ``batch_size``: documents per ``encode_batch_fast`` call. ``workers``: Ray actors
     (default: every CPU of the cluster; 0 = in this process, no Ray). ``ray_address``: cluster to
     join when Ray is not initialised yet (else a private local one, shut down afterwards).
+    ``threads``: encoding threads with ``workers=0`` (with Ray, actors get ``cpus // actors`` threads
+    on their own when there are fewer chunks than CPUs). Shards never depend on either.
     ``validation_share`` (0 = no split; e.g. 0.005): share of documents, chosen by the hash of
     ``key_column``, packed into ``validation_dir`` instead (required then); every source with at least
     ``validation_min_docs`` documents gets at least one (0 = no minimum). The training manifest's
@@ -398,7 +437,7 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
               "key_column": key_column, "validation_share": validation_share if split else 0.0,
               "forced_keys": forced}
     if workers == 0 or not chunks:
-        packer = ChunkPacker(**kwargs)
+        packer = ChunkPacker(**kwargs, threads=threads)
         summaries = [packer.pack(i, c) for i, c in enumerate(chunks)]
     else:
         summaries = _run_ray(chunks, kwargs, workers, ray_address)

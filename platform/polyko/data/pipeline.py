@@ -90,9 +90,9 @@ class PipelineConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     rows_per_file: int = 100_000
-    """Minimum documents per output Parquet file: fewer, larger files (~100 MB of text at 1 KiB/doc)
-    instead of one tiny file per block (the intermediate DIR/.stages files use an eighth of it, so
-    the dedup read of a small corpus still spreads over several tasks)."""
+    """Minimum records per Parquet file of DIR/rejected and DIR/contaminated (few, larger files).
+    DIR/cleaned and the intermediate DIR/.stages files hold one file per input split (<=
+    ``read.split_bytes`` of input): the unit of parallelism of the dedup and write tasks."""
     keep_intermediate: bool = False
     """Keep DIR/.stages/clean-*/docs (every record with its fate, ~ the corpus size again) after the
     run; needed only to re-dedup without re-cleaning."""
@@ -200,6 +200,48 @@ CONTAMINATED_COLUMNS = ["bench", "bench_item", "bench_field", "bench_overlap", "
 
 def _keep_contaminated(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_valid(t.column("bench"))).select(CONTAMINATED_COLUMNS)
+
+
+def read_docs_batch(batch: dict[str, Any], columns: list[str], kinds: tuple[str, ...] | None = None,
+                    batch_rows: int = 16384) -> Any:
+    """``map_batches`` UDF: a batch of intermediate Parquet paths -> streamed Arrow tables of
+    ``columns`` (rows of the given ``kind`` only, when ``kinds`` is set; ``kind`` need not be in
+    ``columns``). One file per task, streamed by row group batches of ``batch_rows``: Ray Data's own
+    Parquet reader bin-packs row groups into 128 MiB read tasks, so a corpus under that size read
+    in ONE task and the dedup keys of a small run were computed on one core."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    read_cols = list(columns) + (["kind"] if kinds is not None and "kind" not in columns else [])
+    for path in batch["path"]:
+        with fsspec.open(str(path), "rb") as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=read_cols):
+                t = pa.Table.from_batches([rb])
+                if kinds is not None:
+                    t = t.filter(pc.is_in(t.column("kind"), value_set=pa.array(list(kinds), pa.string())))
+                if t.num_rows:
+                    yield t.select(list(columns))
+
+
+def read_docs(out: "_Out", docs: str, columns: list[str], kinds: tuple[str, ...] | None = None) -> tuple[Any, pa.Schema]:
+    """(dataset, schema) of the intermediate ``docs`` files, one read task per file (= per input
+    split), in file order; the schema comes from one file's footer, so no block is run to find it."""
+    import fsspec
+    import pyarrow.parquet as pq
+    import ray
+
+    root = out.fs._strip_protocol(docs)
+    files = sorted(p for p in out.fs.find(root) if p.endswith(".parquet")
+                   and not posixpath.basename(p).startswith((".", "_")))
+    assert files, f"no intermediate files under {docs}"
+    paths = [out.fs.unstrip_protocol(p) if out.remote else p for p in files]
+    with fsspec.open(paths[0], "rb") as f:
+        full = pq.ParquetFile(f).schema_arrow
+    schema = pa.schema([full.field(c) for c in columns])
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)).map_batches(
+        read_docs_batch, batch_size=1, batch_format="numpy",
+        fn_kwargs={"columns": list(columns), "kinds": kinds})
+    return ds, schema
 
 
 def _with_bytes(t: pa.Table) -> pa.Table:
@@ -420,11 +462,12 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
 
             ds = ds.map_batches(no_decontam_batch, batch_format="pyarrow", batch_size=None)
         sums = ["bytes_in", "bytes_out", *(f"pii_{k}" for k in PII_KINDS)]
-        # the per-source/rule counts come back from the write tasks: no second read of the corpus
-        # intermediate files of >= rows_per_file / 8 records: the dedup stage reads (and MinHashes)
-        # one file per task, so a small corpus in one big file would run on one core
-        sink = counting_parquet_sink(docs, ["source", "kind", "reason", "bench"], sums,
-                                     min_rows_per_file=max(1, cfg.rows_per_file // 8))
+        # the per-source/rule counts come back from the write tasks: no second read of the corpus.
+        # One intermediate file per read split (no min_rows_per_file: Ray Data meets it by bundling
+        # the write operator's INPUT rows -- here the splits -- so 12.5k rows per file put every
+        # split of a small corpus into ONE read+clean task and one file, and the dedup stage, which
+        # reads a file per task, then ran on one core as well).
+        sink = counting_parquet_sink(docs, ["source", "kind", "reason", "bench"], sums)
         ds.write_datasink(sink)
         clean_stats = sink.counts
         timings["read_clean_s"] = round(time.time() - t0, 3)
@@ -458,16 +501,14 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
         from polyko.data.dedup import deduplicate
 
         t0 = time.time()
-        from ray.data.expressions import col
-
-        # an expression filter + projection (not a map_batches UDF): Ray knows the schema from the
-        # plan, so deduplicate's ds.schema() needs no execution (a UDF cost a ~3 s read to find it)
-        kept = (ray.data.read_parquet(docs).select_columns(["key", "id", "text", "source", "kind"])
-                .filter(expr=col("kind") == "kept").select_columns(["key", "id", "text", "source"]))
+        # one read task per intermediate file; the schema is passed on, so deduplicate runs no block
+        # to learn it
+        kept, kept_schema = read_docs(out, docs, ["key", "id", "text", "source"], kinds=("kept",))
         # keyed by the reader's unique key, never by the input ids (which collide across inputs)
-        survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="key")
-        sink = counting_parquet_sink(out.path("cleaned"), ["source"], ["bytes"], extra=_with_bytes,
-                                     min_rows_per_file=cfg.rows_per_file)
+        survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="key", schema=kept_schema)
+        # one file per intermediate file (no min_rows_per_file: Ray Data meets it by bundling the
+        # fused operator's input rows, here file paths, into one write task)
+        sink = counting_parquet_sink(out.path("cleaned"), ["source"], ["bytes"], extra=_with_bytes)
         survivors.select_columns(["key", "id", "text", "source"]).write_datasink(sink)
         out_stats = sink.counts  # documents/bytes out per source, counted by the write tasks
         timings["dedup_write_s"] = round(time.time() - t0, 3)
