@@ -416,23 +416,43 @@ def boundary_step(guard: Guard, engine, step: int, loss: Any) -> Decision:
         gn = engine.get_global_grad_norm()
         loss_v, gn_v = _host_values(loss, gn if gn is not None else math.nan)
         return Decision("step", loss_v, gn_v)
-    d = guard.observe(step, loss, grad_norm(engine), params_nonfinite(engine))
-    if d.action == "step":
-        engine.step()
+    opt = engine.optimizer
+    reuse = _optimizer_kind(opt) == "zero12" and not getattr(opt, "cpu_offload", False)
+    if reuse:
+        # ZeRO-1/2 computes this same norm again inside the step (for overflow and clipping), from the same
+        # gradients: hand it the value already computed (identical bits) instead of a second pass over them
+        # (~5 % of a 50m CPU step).
+        scaled = opt.scaled_global_norm()
+        gn = scaled / opt.loss_scale
     else:
+        gn = grad_norm(engine)
+    d = guard.observe(step, loss, gn, params_nonfinite(engine))
+    if d.action != "step":
         skip_step(engine)
+    elif reuse:
+        with _patched(opt, {"scaled_global_norm": lambda norm_type=2: scaled}):
+            engine.step()
+    else:
+        engine.step()
     return d
 
 
 def params_nonfinite(engine) -> Any:
-    """Device tensor: how many parameter values of this rank are NaN/inf (ZeRO 0-2 hold every parameter on
-    every rank; at ZeRO-3 the count is all-reduced over the ranks' partitions)."""
+    """Device tensor: 1 if any parameter value of the model is NaN/inf, else 0 (ZeRO 0-2 hold every parameter on
+    every rank; at ZeRO-3 each rank checks its partition and the flags are all-reduced).
+
+    One fp32 sum per parameter instead of an elementwise ``isfinite``: NaN and inf propagate through a sum (inf - inf
+    is NaN), and a sum of finite weights cannot overflow fp32. That reads the weights once and allocates nothing
+    per element: ~25 ms for 56M parameters on one CPU thread where ``isfinite(...).sum()`` took ~400 ms, and on a
+    GPU a bandwidth-bound pass (~1 ms per GB of weights)."""
     import torch
 
     ps = list(engine.module.parameters())
     zero3 = _optimizer_kind(engine.optimizer) == "zero3"
-    vals = [(~torch.isfinite(p.ds_tensor if zero3 else p.detach())).sum() for p in ps]
-    n = torch.stack(vals).sum() if vals else torch.zeros((), dtype=torch.int64)
+    if not ps:
+        return torch.zeros((), dtype=torch.int64)
+    total = torch.stack([(p.ds_tensor if zero3 else p.detach()).sum(dtype=torch.float32) for p in ps]).sum()
+    n = (~torch.isfinite(total)).to(torch.int64)
     if zero3:
         import torch.distributed as dist
 
