@@ -117,6 +117,38 @@ def work_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def gloo_world():
+    """torch.distributed with gloo, world size 1, in this process (what a single Ray Train worker has), for the
+    tests of one module that drive a real DeepSpeed engine in-process."""
+    import importlib
+
+    import torch.distributed as dist
+
+    from polyko.cluster import free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no JIT of an unused op
+    import deepspeed
+    import deepspeed.utils.groups as ds_groups
+
+    if dist.is_initialized():
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        yield
+    finally:
+        # Leave no world behind: a later subprocess (lm-eval, accelerate) would read these and join it. DeepSpeed
+        # caches its clone of the world group: a later world must not be handed this one's.
+        dist.destroy_process_group()
+        ds_groups._WORLD_GROUP = None
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
 def module_work_dir(tmp_path_factory):
     """A private POLYKO_WORK_DIR shared by the tests of one module (runs named by their config land here)."""
     mp = pytest.MonkeyPatch()

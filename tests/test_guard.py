@@ -5,10 +5,8 @@ at ZeRO 0 and 2, fp32 and bf16, compared bitwise."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
-import os
 import random
 
 import pytest
@@ -157,32 +155,6 @@ def test_checkpoint_health_and_retention():
 
 
 # --- skip_step on a real DeepSpeed engine --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gloo_world():
-    """torch.distributed with gloo, world size 1, in this process (what a single Ray Train worker has)."""
-    import torch.distributed as dist
-
-    from polyko.cluster import free_port
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no JIT of an unused op
-    import deepspeed
-
-    if dist.is_initialized():
-        yield
-        return
-    saved = dict(os.environ)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        yield
-    finally:
-        # Leave no world behind: a later subprocess (lm-eval, accelerate) would read these and join it.
-        dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def _engine(stage: int, precision: str, world: int = 1):
     import deepspeed
     import torch

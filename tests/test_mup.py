@@ -95,34 +95,6 @@ def test_learning_rate_transfers_across_widths_under_mup_not_sp(token_rows):
     assert all(math.isfinite(v) for v in mup_best)
 
 
-@pytest.fixture(scope="module")
-def gloo_world():
-    """torch.distributed with gloo, world size 1, in this process (what a single Ray Train worker has)."""
-    import importlib
-    import os
-
-    import torch.distributed as dist
-
-    from polyko.cluster import free_port
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no JIT of an unused op
-    import deepspeed
-
-    if dist.is_initialized():
-        yield
-        return
-    saved = dict(os.environ)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()  # leave no world behind for later subprocesses
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 @pytest.mark.parametrize("stage", [0, 1])
 def test_mup_checkpoint_exports_a_standard_gpt_neox_with_the_trained_logits(stage, tmp_path, gloo_world,
                                                                             polyglot_tokenizer_dir):
