@@ -123,8 +123,7 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
     guard = Guard(cfg.guard, layout.global_batch)
     start_step = 0
     if found is not None:
-        engine.load_checkpoint(str(load_dir), tag=ckpt_io.DS_TAG, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        _load_checkpoint(engine, load_dir)
         start_step = meta["step"]
         state = (meta.get("guard") or {}).get("state")
         after = _read_rollback(out, start_step)
@@ -188,7 +187,7 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
             e = guard.events[-1]
             print(f"[polyko] guard: step {step + 1} {decision.anomaly} (statistic {e['statistic']}) -> "
                   f"{decision.action}, samples {e['samples'][0]}..{e['samples'][1]}", flush=True)
-        reason = f"{decision.anomaly} after {cfg.guard.max_rollbacks} rollback(s) (guard.max_rollbacks)"
+        reason = None  # why the run stops, when a rollback cannot be taken
         if decision.action == "rollback":
             target = rollback_target(ctx.checkpoints(), before_step=step)
             if target is None or not _loadable(target[1], world, cfg.deepspeed.zero_stage):
@@ -197,8 +196,7 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
                           f"the rollback target {target[0]} was saved at {target[1]['world_size']} workers, ZeRO-"
                           f"{target[1]['zero_stage']}: restart the run to reshard it")
             else:
-                engine.load_checkpoint(str(target[0]), tag=ckpt_io.DS_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
+                _load_checkpoint(engine, target[0])
                 plan = guard.on_rollback(target[1])
                 if rank == 0:
                     _write_rollback(out, plan.step, guard.state_dict())
@@ -210,6 +208,7 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
                 step = plan.step
                 continue
         if decision.action == "stop":
+            reason = reason or f"{decision.anomaly} after {cfg.guard.max_rollbacks} rollback(s) (guard.max_rollbacks)"
             stopped = f"stopped at step {step + 1}: {reason}"
             break
         step_s = time.perf_counter() - t0
@@ -473,6 +472,11 @@ def _maybe_inject_fault(faults: list[tuple[str, int, int]], step: int, rank: int
                 time.sleep(3600)
         hit = kind
     return hit
+
+
+def _load_checkpoint(engine, path: Path) -> None:
+    """Weights and optimizer state of a polyko checkpoint into the running engine (the lr is set every step)."""
+    engine.load_checkpoint(str(path), tag=ckpt_io.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
 ROLLBACK_FILE = "guard_rollback.json"
