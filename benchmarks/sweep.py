@@ -84,6 +84,7 @@ class TreeCPU:
         import threading
 
         self.last: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU s last seen
+        self.title: dict[tuple[int, float], str] = {}  # (pid, create time) -> its last non-idle process title
         self.lock = threading.Lock()
         self.interval_s = interval_s
         threading.Thread(target=self._loop, daemon=True).start()
@@ -96,10 +97,13 @@ class TreeCPU:
             try:
                 t = p.cpu_times()
                 key = (p.pid, p.create_time())
+                title = process_title(p)
             except psutil.Error:
                 continue
             with self.lock:
                 self.last[key] = t.user + t.system
+                if title != "ray::IDLE" or key not in self.title:  # a worker's title once it hosts an actor
+                    self.title[key] = title
 
     def _loop(self) -> None:
         while True:
@@ -115,6 +119,32 @@ class TreeCPU:
     def used(before: dict, after: dict) -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items())
 
+    def by_title(self, before: dict, after: dict) -> dict[str, float]:
+        """CPU seconds between two snapshots per process title (``ray::RayTrainWorker...``, ``raylet``, ...):
+        where a run's CPU goes."""
+        out: dict[str, float] = {}
+        with self.lock:
+            titles = dict(self.title)
+        for k, v in after.items():
+            name = titles.get(k, "?")
+            out[name] = out.get(name, 0.0) + v - before.get(k, 0.0)
+        return {n: round(c, 2) for n, c in sorted(out.items(), key=lambda kv: -kv[1]) if c >= 0.05}
+
+
+def process_title(p) -> str:
+    """A short name for a process of the tree: Ray's process title for its workers (``ray::<Actor>.<method>``,
+    ``ray::IDLE``), else the program and its module/script (``python -m ray.util.client.server`` ...)."""
+    cmd = p.cmdline()
+    if not cmd:
+        return p.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split(" ")[0]
+    prog = Path(cmd[0]).name
+    rest = [c for c in cmd[1:] if not c.startswith("-")][:1]
+    if "-m" in cmd[1:3]:
+        rest = [cmd[cmd.index("-m") + 1]]
+    return " ".join([prog] + [Path(r).name for r in rest])[:60]
+
 
 def spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
@@ -127,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=27, help="steps of a full trial (rungs at steps/9 and steps/3)")
     p.add_argument("--repeats", type=int, default=3, help="runs of the one-trial sweep and of the bare pretrain")
     p.add_argument("--ray-asha", action="store_true", help="also run Ray's plain ASHA (no re-checks)")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="only the per-trial overhead (no 16-configuration sweeps): a few minutes")
     p.add_argument("--workdir", help="where the sweeps live (default: a new temp dir); rerun with the same dir "
                    "and the finished sweeps are restored, not trained again")
     a = p.parse_args(argv)
@@ -158,6 +190,62 @@ def main(argv=None) -> int:
         cfg.search, cfg.trials, cfg.output = search, 1, str(tmp / out)
         cfg.scheduler.kind, cfg.scheduler.reduction_factor = kind, 3
         return cfg
+
+    def overhead() -> dict:
+        # Overhead of one trial under Tune + Train against a bare pretrain() of the same resolved config (both
+        # checkpoint once, at the end). Alternating order: sweep, bare, bare, sweep, sweep, bare, ...
+        t_trial, t_bare, c_trial, c_bare = [], [], [], []
+        split: dict[str, list[dict]] = {"trial": [], "bare": []}  # CPU s per process title, per run
+        cpu = TreeCPU()
+        stamp = int(time.time())  # fresh runs even in a reused --workdir (a rerun would only restore them)
+
+        def measure(kind: str, run, walls: list, cpus: list) -> None:
+            t0, c0 = time.time(), cpu.snapshot()
+            run()
+            walls.append(time.time() - t0)
+            c1 = cpu.snapshot()
+            cpus.append(cpu.used(c0, c1))
+            split[kind].append(cpu.by_title(c0, c1))
+
+        def one_trial(i: int) -> None:
+            one = config("fifo", f"one-{stamp}-{i}", ["optim.lr=grid:1e-3"])
+            one.base.checkpoint.every_steps = one.base.steps
+            measure("trial", lambda: sweep(one), t_trial, c_trial)
+
+        def bare_run(i: int) -> None:
+            one = config("fifo", f"bare-{stamp}-{i}", [])
+            b = one.base
+            bare = replace(b, optim=replace(b.optim, lr=1e-3), output=str(tmp / f"bare-{stamp}-{i}"), export=False,
+                           checkpoint=replace(b.checkpoint, every_steps=b.steps, keep=1),
+                           fault=replace(b.fault, max_failures=0))
+            measure("bare", lambda: pretrain(bare), t_bare, c_bare)
+
+        for i in range(a.repeats):
+            for run in ((one_trial, bare_run) if i % 2 == 0 else (bare_run, one_trial)):
+                run(i)
+        pair_ratio = [t / b - 1 for t, b in zip(t_trial, t_bare)]
+        # Where the CPU goes, for the least run of each kind (one line each, before the JSON line).
+        for kind, cs in (("trial", c_trial), ("bare", c_bare)):
+            print(f"[bench] cpu by process, {kind} ({min(cs):.1f} s): "
+                  f"{json.dumps(split[kind][cs.index(min(cs))])}", flush=True)
+        return {
+            "overhead_per_trial": round(min(c_trial) / min(c_bare) - 1, 3),
+            "overhead_cpu_median_of_pairs": round(float(np.median([t / b - 1 for t, b in zip(c_trial, c_bare)])), 3),
+            "trial_cpu_s": [round(t, 1) for t in c_trial], "bare_pretrain_cpu_s": [round(t, 1) for t in c_bare],
+            "overhead_wall": round(min(t_trial) / min(t_bare) - 1, 3),
+            "overhead_wall_median_of_pairs": round(float(np.median(pair_ratio)), 3),
+            "trial_wall_s": [round(t, 1) for t in t_trial], "bare_pretrain_wall_s": [round(t, 1) for t in t_bare],
+        }
+
+    if a.overhead_only:
+        # Unmeasured first: the one-time costs (Tune's imports in this process, the cluster's first Train
+        # actors) that the full benchmark pays in its sweeps before it measures the overhead.
+        warm = config("fifo", f"warmup-{int(time.time())}", ["optim.lr=grid:1e-3"])
+        warm.base.steps = warm.base.checkpoint.every_steps = 2
+        sweep(warm)
+        print(json.dumps({"benchmark": "sweep", "model": "tiny", "steps_per_trial": a.steps, "repeats": a.repeats,
+                          **overhead()}))
+        return 0
 
     # A random order, as a random search would visit them (in ascending-lr order the worst configurations
     # would come first, and ASHA never stops the first trial to reach a rung).
@@ -213,35 +301,8 @@ def main(argv=None) -> int:
             hits.append(min(done) <= min(final.values()) * 1.01)
         replayed[name] = (float(np.mean(ratios)), float(np.percentile(ratios, 90)), float(np.mean(hits)))
 
-    # Overhead of one trial under Tune + Train against a bare pretrain() of the same resolved config (both
-    # checkpoint once, at the end). Alternating order: sweep, bare, bare, sweep, sweep, bare, ...
-    t_trial, t_bare, c_trial, c_bare = [], [], [], []
-    cpu = TreeCPU()
-    stamp = int(time.time())  # fresh runs even in a reused --workdir (a rerun would only restore them)
 
-    def one_trial(i: int) -> None:
-        one = config("fifo", f"one-{stamp}-{i}", ["optim.lr=grid:1e-3"])
-        one.base.checkpoint.every_steps = one.base.steps
-        t0, c0 = time.time(), cpu.snapshot()
-        sweep(one)
-        t_trial.append(time.time() - t0)
-        c_trial.append(cpu.used(c0, cpu.snapshot()))
-
-    def bare_run(i: int) -> None:
-        one = config("fifo", f"bare-{stamp}-{i}", [])
-        b = one.base
-        bare = replace(b, optim=replace(b.optim, lr=1e-3), output=str(tmp / f"bare-{stamp}-{i}"), export=False,
-                       checkpoint=replace(b.checkpoint, every_steps=b.steps, keep=1),
-                       fault=replace(b.fault, max_failures=0))
-        t0, c0 = time.time(), cpu.snapshot()
-        pretrain(bare)
-        t_bare.append(time.time() - t0)
-        c_bare.append(cpu.used(c0, cpu.snapshot()))
-
-    for i in range(a.repeats):
-        for run in ((one_trial, bare_run) if i % 2 == 0 else (bare_run, one_trial)):
-            run(i)
-    pair_ratio = [t / b - 1 for t, b in zip(t_trial, t_bare)]
+    over = overhead()
 
     # Steps actually trained (a pruned trial may run a little past its rung before Tune stops it).
     def trained(res) -> int:
@@ -249,6 +310,10 @@ def main(argv=None) -> int:
                    for t in res.trials)
 
     asha_trained, full_trained = trained(asha), trained(full)
+    # Of those, steps stopped trials trained past the last report Tune judged them on (0: each stopped trial
+    # waited for its decision; before the wait, a trial trained on until the kill arrived).
+    overshoot = sum(max(read_jsonl(asha.output / "trials" / t.trial_id / "metrics.jsonl"), default=0) - t.steps
+                    for t in asha.trials if t.status == "pruned")
     count = lambda res, s: sum(t.status == s for t in res.trials)  # noqa: E731
     best_full = min(v for v in final.values() if v is not None)
     out = {
@@ -257,6 +322,7 @@ def main(argv=None) -> int:
         "asha_steps": asha_trained, "exhaustive_steps": full_trained,
         "compute_ratio": round(asha_trained / full_trained, 3),
         "asha_completed": count(asha, "completed"), "asha_pruned": count(asha, "pruned"),
+        "asha_steps_past_stop": overshoot,
         **({"ray_asha_compute_ratio": round(trained(plain) / full_trained, 3),
             "ray_asha_completed": count(plain, "completed"),
             "ray_asha_best_within_1pct": bool(plain.best.loss <= min(final.values()) * 1.01)} if plain else {}),
@@ -271,12 +337,7 @@ def main(argv=None) -> int:
         **{f"spearman_rung_{r}": round(v, 3) for r, v in rho.items()},
         "rung_decisions_agree": round(float(np.mean(agree)), 3),
         "asha_wall_s": round(t_asha, 1), "exhaustive_wall_s": round(t_full, 1),
-        "overhead_per_trial": round(min(c_trial) / min(c_bare) - 1, 3),
-        "overhead_cpu_median_of_pairs": round(float(np.median([t / b - 1 for t, b in zip(c_trial, c_bare)])), 3),
-        "trial_cpu_s": [round(t, 1) for t in c_trial], "bare_pretrain_cpu_s": [round(t, 1) for t in c_bare],
-        "overhead_wall": round(min(t_trial) / min(t_bare) - 1, 3),
-        "overhead_wall_median_of_pairs": round(float(np.median(pair_ratio)), 3),
-        "trial_wall_s": [round(t, 1) for t in t_trial], "bare_pretrain_wall_s": [round(t, 1) for t in t_bare],
+        **over,
     }
     print(json.dumps(out))
     return 0

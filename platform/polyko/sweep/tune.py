@@ -54,6 +54,11 @@ from polyko.train.config import PretrainConfig, lr_at
 STAGE = "sweep"                     # MLflow experiment polyko-sweep
 FAILURE_FILE = "failure.json"       # trials/<id>/: why a trial failed
 FINAL_FILE = "final.json"           # trials/<id>/: a finished trial's last metrics (never retrained)
+# trials/<id>/: {"step": n} once the scheduler let the trial go on past its report of step n. Under ASHA the
+# trial's workers wait for it after each report (polyko.train.loop.await_decision), so a trial ASHA stops
+# trains no step past the report it was judged on: without the wait, it trains on for the ~1-3 s a report
+# takes to reach Tune (Ray Train's 2 s worker poll, then Tune's loop) and the kill takes to come back.
+DECISION_FILE = "decision.json"
 # A trial driver only waits on its Train workers: it takes no CPU (a CPU per driver would leave a 2-CPU node
 # with one trial's worker and a blocked driver). Tune refuses an empty bundle, so it asks for 1 byte of memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
@@ -152,6 +157,7 @@ class _Plan:
     max_failures: int
     metric: str
     parents: dict[str, str]            # lineage: data/tokenizer runs
+    await_decisions: bool = False      # workers wait for the scheduler's decision after each report (asha)
 
 
 def sweep_paths(cfg: SweepConfig) -> tuple[Path, str]:
@@ -319,12 +325,14 @@ def classify_failure(error: BaseException) -> tuple[str, str]:
     return "error", text.split("\n")[0][:500]
 
 
-def _child_run(plan: _Plan, out: Path, trial_id: str, cfg: PretrainConfig) -> str:
-    """The trial's MLflow child run: created once, found again (``polyko_run.json`` in the trial dir) on a restart."""
-    import mlflow
+def _child_run(plan: _Plan, out: Path, trial_id: str, cfg: PretrainConfig, client=None) -> str:
+    """The trial's MLflow child run (params = ``cfg`` flattened): created once, found again (``polyko_run.json``
+    in the trial dir) on a restart. The sweep's driver creates it when Tune starts the trial (before the trial
+    function runs), with the MLflow client it already has; the trial actor then only reads the marker."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=plan.tracking_uri)
+    client = client or MlflowClient(tracking_uri=plan.tracking_uri)
     marker = out / tracking.RUN_MARKER
     if marker.is_file():
         rid = json.loads(marker.read_text())["run_id"]
@@ -334,13 +342,23 @@ def _child_run(plan: _Plan, out: Path, trial_id: str, cfg: PretrainConfig) -> st
             "polyko.sweep": plan.name, "polyko.config_hash": config_hash(cfg), "polyko.output": str(out),
             "polyko.trial_status": "running", **{f"polyko.parent.{s}": r for s, r in plan.parents.items()}}
     run = client.create_run(plan.experiment_id, run_name=f"{plan.name}-{trial_id}", tags=tags)
-    mlflow.set_tracking_uri(plan.tracking_uri)
-    with mlflow.start_run(run_id=run.info.run_id):
-        tracking.log_params(flatten(cfg))
-    mlflow.end_run()  # start_run(run_id=) ends it FINISHED on exit; it is running again below
-    client.update_run(run.info.run_id, status="RUNNING")
+    params = [Param(tracking.metric_name(k), str(v)[:tracking._MAX_PARAM_LEN] if v is not None else "None")
+              for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
     tracking.write_marker(out, STAGE, run.info.run_id, {**plan.parents, "sweep": plan.parent_run_id}, config_hash(cfg))
     return run.info.run_id
+
+
+def _trial_run_config(plan: _Plan, base: PretrainConfig, trial_id: str, values: dict[str, Any]) -> PretrainConfig:
+    """The config a trial runs (resolved), or as given when it does not resolve (recorded as ``bad_config``)."""
+    out = Path(plan.output) / "trials" / trial_id
+    cfg = trial_config(base, values, output=out, run_name=f"{plan.name}-{trial_id}",
+                       report_every=plan.report_every, max_failures=plan.max_failures)
+    try:
+        return cfg.resolved()
+    except ValueError:
+        return cfg
 
 
 def run_trial(values: dict[str, Any], plan: _Plan) -> None:
@@ -360,22 +378,29 @@ def run_trial(values: dict[str, Any], plan: _Plan) -> None:
     if final.is_file():  # finished before the sweep's driver died: report it again, train nothing
         tune.report(json.loads(final.read_text()))
         return
+    # A restarted trial reports its steps again: the decisions on the earlier run's reports do not count.
+    (out / DECISION_FILE).unlink(missing_ok=True)
     base = from_dict(PretrainConfig, plan.base)
     run_name = f"{plan.name}-{trial_id}"
     cfg = trial_config(base, values, output=out, run_name=run_name, report_every=plan.report_every,
                        max_failures=plan.max_failures)
+    # The child run: made by the driver's callback as Tune started this trial (a trial run by another driver,
+    # without it, makes its own).
+    marker = _read_json(out / tracking.RUN_MARKER)
     try:
         cfg = cfg.resolved()
         preflight(cfg)
     except ValueError as e:
-        _child_run(plan, out, trial_id, cfg)  # recorded with the config as given
+        if not marker:
+            _child_run(plan, out, trial_id, cfg)  # recorded with the config as given
         _fail(out, "bad_config", str(e))
-    run_id = _child_run(plan, out, trial_id, cfg)
+    run_id = marker["run_id"] if marker else _child_run(plan, out, trial_id, cfg)
     sc = cfg.scaling
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": to_dict(cfg), "output": str(out), "run_name": run_name, "run_id": run_id,
-                           "tracking_uri": plan.tracking_uri},
+                           "tracking_uri": plan.tracking_uri,
+                           **({"await_decision": str(out / DECISION_FILE)} if plan.await_decisions else {})},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo", timeout_s=cfg.fault.hang_timeout_s),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.ray_num_workers(), use_gpu=sc.use_gpu,
                                                resources_per_worker={"CPU": sc.cpus_per_worker}),
@@ -456,18 +481,30 @@ def release_orphaned_placement_groups() -> int:
     return removed
 
 
-def _make_callback(out: Path, steps: int, keys: list[str], tracking_uri: str, keep_checkpoints: bool):
+def _make_callback(plan: _Plan, steps: int, keys: list[str], keep_checkpoints: bool):
+    from mlflow.tracking import MlflowClient
     from ray.tune import Callback
 
+    out, tracking_uri, release = Path(plan.output), plan.tracking_uri, plan.await_decisions
+    base = from_dict(PretrainConfig, plan.base)
+
     class SweepCallback(Callback):
-        """Driver side: closes each trial's child run with its status and prints the live trial table."""
+        """Driver side: opens each trial's child run as it starts and closes it with its status, lets a trial
+        ASHA keeps go on past its report (:data:`DECISION_FILE`), prints the live trial table."""
 
         def __init__(self):
             self.last_print = self.last_release = 0.0
 
-        def _finish(self, trial, status: str, reason: dict | None = None) -> None:
-            from mlflow.tracking import MlflowClient
+        def on_trial_start(self, iteration, trials, trial, **info):
+            # Here, not in the trial actor: Tune calls this before it runs the trial function, and this process
+            # already holds MLflow (an import and a store connection less per trial).
+            if (out / "trials" / trial.trial_id / FINAL_FILE).is_file():
+                return  # finished before a restart: only re-reported
+            cfg = _trial_run_config(plan, base, trial.trial_id, trial.config)
+            _child_run(plan, out / "trials" / trial.trial_id, trial.trial_id, cfg,
+                       client=MlflowClient(tracking_uri=tracking_uri))
 
+        def _finish(self, trial, status: str, reason: dict | None = None) -> None:
             marker = _read_json(out / "trials" / trial.trial_id / tracking.RUN_MARKER)
             if not marker:
                 return
@@ -489,6 +526,13 @@ def _make_callback(out: Path, steps: int, keys: list[str], tracking_uri: str, ke
                 release_orphaned_placement_groups()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            # Tune calls this after its scheduler decided on the result, with done=True when it stops the
+            # trial: only a trial that goes on is let past its report (a stopped one is killed waiting).
+            if release and not result.get("done") and "step" in result:
+                d = out / "trials" / trial.trial_id
+                tmp = d / (DECISION_FILE + ".tmp")
+                tmp.write_text(json.dumps({"step": int(result["step"])}))
+                tmp.replace(d / DECISION_FILE)
             if time.time() - self.last_print > 10:
                 self.last_print = time.time()
                 rows = [_summary(t, out, steps, result if t is trial else None) for t in trials]
@@ -602,10 +646,11 @@ def sweep(cfg: SweepConfig, *, ray_address: str | None = None) -> SweepResult:
               f"{tracking.run_url(run)}; output {out}", flush=True)
         plan = _Plan(base=to_dict(cfg.base), output=str(out), name=name, parent_run_id=run.info.run_id,
                      tracking_uri=tracking.tracking_uri(), experiment_id=exp_id, report_every=report_every,
-                     max_failures=cfg.trial_max_failures, metric=cfg.metric, parents=parents)
+                     max_failures=cfg.trial_max_failures, metric=cfg.metric, parents=parents,
+                     await_decisions=cfg.scheduler.kind == "asha")
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
         storage = out / "tune"
-        callback = _make_callback(out, steps, keys, plan.tracking_uri, cfg.keep_checkpoints)
+        callback = _make_callback(plan, steps, keys, cfg.keep_checkpoints)
         if tune.Tuner.can_restore(str(storage)):
             print(f"[polyko] resuming sweep from {storage}", flush=True)
             tuner = tune.Tuner.restore(str(storage), trainable=trainable, resume_unfinished=True,

@@ -229,7 +229,7 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
                                           micro_batch=layout.micro_batch, device=device)
             metrics.update(validation_metrics(validation, by_source))
             metrics["val/seconds"] = time.perf_counter() - t1
-        ckpt_due = ckpt_due or done % cfg.checkpoint.every_steps == 0 or done == cfg.steps
+        ckpt_due, reported = ckpt_due or done % cfg.checkpoint.every_steps == 0 or done == cfg.steps, False
         if ckpt_due and (guard.streak == 0 or done == cfg.steps):
             # Never a checkpoint with non-finite weights (the next step's check rolls back instead); during an
             # anomaly streak the save waits for a healthy step (a rollback would re-run and re-save it).
@@ -252,7 +252,7 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
                            validation=_wants_kobest(cfg, done))
                 shutil.rmtree(local, ignore_errors=True)
                 last_ckpt_s = metrics["checkpoint_seconds"] = time.perf_counter() - t1
-                last_ckpt_step, ckpt_due = done, False
+                last_ckpt_step, ckpt_due, reported = done, False, True
             elif rank == 0:
                 print(f"[polyko] WARNING non-finite weights after step {done}: no checkpoint written (the last "
                       f"one, step {last_ckpt_step}, stays the one to resume or roll back to)", flush=True)
@@ -263,6 +263,9 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
                 metrics.update(_mixture_metrics(sampler, guard.position(done)))
             sink.log(done, metrics)
             progress.show(done, metrics, last_ckpt_step, guard)
+        if reported and done < cfg.steps and loop_cfg.get("await_decision"):
+            # A sweep's trial: no step past a report before the scheduler decided on it (after the step is logged)
+            await_decision(Path(loop_cfg["await_decision"]), done)
         step = done
     if stopped and rank == 0:
         print(f"[polyko] guard: {stopped}", flush=True)
@@ -272,6 +275,31 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+# A report's decision arrives within a few seconds (Ray Train's controller polls its workers every 2 s, then
+# Tune's loop); a longer wait means the decision file is not coming (a driver restarting): train on.
+DECISION_TIMEOUT_S = 120.0
+
+
+def await_decision(path: Path, step: int, timeout_s: float = DECISION_TIMEOUT_S, poll_s: float = 0.05) -> bool:
+    """Wait, before training past the report of ``step``, until whoever schedules this run has decided on that
+    report: ``path`` (JSON ``{"step": n}``) holds a step >= ``step`` once it lets the run go on; a run it stops
+    is killed while waiting here, so it trains no step beyond the report it was judged on (an ASHA sweep's
+    trial: ``polyko.sweep.tune``). Returns False after ``timeout_s`` without a decision. Costs one ``stat``
+    per ``poll_s`` while waiting."""
+    import json
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if int(json.loads(path.read_text()).get("step", -1)) >= step:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(poll_s)
+    print(f"[polyko] WARNING no decision on the report of step {step} after {timeout_s:.0f} s ({path}): "
+          "training on", flush=True)
+    return False
 
 
 def setup_distributed(cfg: PretrainConfig, local_rank: int):
