@@ -348,3 +348,44 @@ def test_real_corpus_drop_rates(corpus_dir):
     assert 0.75 < kept["nsmc_raw_sample"] < 0.97, stats["nsmc_raw_sample"]
     assert stats["nsmc_raw_sample"]["too_short"] > stats["nsmc_raw_sample"]["low_hangul"] > 0
     assert set().union(*stats.values()) <= set(FILTER_RULES) | {None}
+
+
+def _adversarial(real: list[str]) -> list[str]:
+    """Real documents with the edits every normalisation/PII/filter rule reacts to spliced in."""
+    import random
+
+    bits = ["  ", " ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u200b", "\x85", "<b>", "</p>", "&amp;", "&#44032;",
+            "@", "a@b.co", "010-1234-5678", "123", "12", "1", "ㅋㅋㅋㅋ", "ㅋㅋㅋ", "하하하하하하하하", "^^;^^;^^;^^;",
+            "abab", "ababababab", "http://x.y/z", "www.naver.com", "/>", "{}", "[[", "$$", "|=|", "ᄀ", "ᅡ",
+            "\u0301", "Ω", "ΑΣ ", "english words here", "Σ", "①②③", "١٢٣", "_", "가 가 가 가 가", "좋아요 " * 60,
+            "x", "\x01", "\x00", "\ud800", "\U0001F600", "\U0001D400\U0001D401", "ＡＢＣ", "１２３"]
+    rng = random.Random(7)
+    out = []
+    for t in real:
+        for _ in range(rng.randint(0, 3)):
+            i = rng.randint(0, len(t))
+            t = t[:i] + rng.choice(bits) + t[i:]
+        out.append(t)
+    return out + bits + ["", " ", "가", "가나다라마바사아자차", " 가나다라마바사아자차카", "가나다라마바사아자차카 "]
+
+
+def test_batch_fast_path_equals_clean_text(corpus_dir):
+    """fast_decisions settles most documents of a batch at once; what it settles must be exactly what
+    clean_text returns (text unchanged, no PII, same reason), on real and on adversarial text."""
+    from polyko.data.clean import fast_decisions
+
+    real = []
+    for p in sorted(corpus_dir.rglob("*.jsonl"))[:8]:
+        with open(p, encoding="utf-8") as f:
+            real += [json.loads(l)["text"] for _, l in zip(range(1500), f)]
+    docs = real + _adversarial(real[:4000]) + [None, 5]
+    for cfg in (CleanConfig(), CleanConfig(filters=FilterConfig(min_unique_word_ratio=0.6, ngram_min_words=8,
+                                                                 min_hangul_ratio=0.5, max_symbol_ratio=0.02)),
+                CleanConfig(normalize=NormalizeConfig(max_char_repeat=2, max_unit_repeat=0))):
+        decided, reasons = fast_decisions(docs, cfg)
+        assert decided.sum() > 0.3 * len(real)
+        for i in map(int, decided.nonzero()[0]):
+            r = clean_text(docs[i], cfg)
+            assert (r.text, r.reason, r.pii) == ((docs[i] if reasons[i] is None else None), reasons[i], {}), docs[i]
+        # switched-off normalisation steps: no fast path (the per-document path decides everything)
+        assert not fast_decisions(docs, CleanConfig(normalize=NormalizeConfig(strip_html=False)))[0].any()

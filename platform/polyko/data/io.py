@@ -8,6 +8,9 @@ How it streams: :func:`list_splits` lists the files on the driver (names and siz
 large uncompressed line files into byte ranges; :func:`read_split` runs inside a Ray Data task and
 *yields* Arrow tables of ``ReadConfig.batch_rows`` rows while it reads the file in 1 MiB chunks, so
 a task holds one chunk, one batch and at most one ``max_doc_bytes`` line whatever the file size.
+JSONL is parsed a chunk's complete lines at a time with ``pyarrow.json`` when the block provably
+parses as ``json.loads`` would parse each line (see ``_fast_jsonl``), else line by line; the output
+is the same either way (``read_split(..., fast=False)`` is the reference the tests compare with).
 
 What it never does: crash on a bad record or let a bad record take good ones with it. Each line is
 checked (NUL bytes, invalid UTF-8, over-long line, malformed JSON, missing text field); truncated or
@@ -27,7 +30,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import posixpath
 import re
 import zlib
@@ -245,9 +247,10 @@ class _Lines:
 
     The stream is positioned at absolute offset ``start``; with ``skip_first`` the bytes up to the
     first newline belong to the previous byte-range split and are skipped. Lines starting at or
-    after ``end`` (-1 = none) belong to the next split. Yields ``(offset, data, length)``; ``data``
-    is ``None`` for a line longer than ``max_bytes`` (``prefix`` then holds its first ``keep``
-    bytes). ``pending`` is the unterminated tail when the stream fails, to be quarantined.
+    after ``end`` (-1 = none) belong to the next split. Iterating yields ``(offset, data, length)``;
+    ``data`` is ``None`` for a line longer than ``max_bytes`` (``prefix`` then holds its first
+    ``keep`` bytes). ``pending`` is the unterminated tail when the stream fails, to be quarantined.
+    :meth:`blocks` yields the same lines, the complete lines inside one read chunk as one block.
     """
 
     def __init__(self, stream: Any, start: int, end: int, max_bytes: int, keep: int, skip_first: bool) -> None:
@@ -258,6 +261,22 @@ class _Lines:
         self.prefix = b""
 
     def __iter__(self) -> Iterator[tuple[int, bytes | None, int]]:
+        for ev in self.blocks():
+            if ev[0] == "line":
+                yield ev[1], ev[2], ev[3]
+            else:
+                _, off, block, lens = ev
+                p = 0
+                for n in lens:
+                    yield off + p, block[p:p + n], n
+                    p += n + 1
+
+    def blocks(self) -> Iterator[tuple]:
+        """``("line", offset, data, length)`` for a line that spans read chunks (or is over-long,
+        or skipped/cut at a split edge), and ``("block", offset, bytes, lengths)`` for the run of
+        complete lines inside one chunk: ``bytes`` holds them joined by ``\\n`` (no trailing one),
+        ``lengths`` their byte lengths (each <= ``max_bytes``). The consumer can then parse a
+        whole block at once instead of paying Python per line."""
         buf: list[bytes] = []
         buf_len = 0
         over = self.skip_first  # over-long (or skipped) line: keep only a prefix, count the rest
@@ -269,7 +288,34 @@ class _Lines:
                 break
             parts = chunk.split(b"\n")
             last_i = len(parts) - 1
-            for i, part in enumerate(parts):
+            i = 0
+            # 0-based position of parts[i] in chunk, for slicing a block without re-joining
+            cpos = 0
+            while i <= last_i:
+                if 0 < i < last_i and not over and not skipping and buf_len == 0:
+                    lens = list(map(len, parts[i:last_i]))
+                    if max(lens) <= self.max:
+                        if self.end >= 0:
+                            # lines starting at or after ``end`` belong to the next split
+                            k, s = 0, line_start
+                            for n in lens:
+                                if s >= self.end:
+                                    break
+                                s += n + 1
+                                k += 1
+                        else:
+                            k = len(lens)
+                        size = sum(lens[:k]) + k  # bytes incl. the k newlines
+                        if k:
+                            yield "block", line_start, chunk[cpos:cpos + size - 1], lens[:k]
+                        if k < len(lens):
+                            return
+                        pos += size
+                        cpos += size
+                        line_start = pos
+                        i = last_i
+                        continue
+                part = parts[i]
                 if not over:
                     if buf_len + len(part) > self.max:
                         over = True
@@ -279,22 +325,25 @@ class _Lines:
                         buf.append(part)
                 buf_len += len(part)
                 pos += len(part)
+                cpos += len(part)
                 if i == last_i:
                     break
                 pos += 1  # the newline
+                cpos += 1
                 if skipping:
                     skipping = False
                 elif self.end >= 0 and line_start >= self.end:
                     return
                 else:
-                    yield line_start, (None if over else b"".join(buf)), buf_len
+                    yield "line", line_start, (None if over else b"".join(buf)), buf_len
                 buf, buf_len, over, self.prefix = [], 0, False, b""
                 line_start = pos
+                i += 1
             self.pending = b"" if over else b"".join(buf)
             self.pending_offset = line_start
         # stream end: an unterminated last line is still a line
         if buf_len and not skipping and not (self.end >= 0 and line_start >= self.end):
-            yield line_start, (None if over else b"".join(buf)), buf_len
+            yield "line", line_start, (None if over else b"".join(buf)), buf_len
         self.pending = b""
 
 
@@ -313,6 +362,9 @@ class _Rows:
         self.hangul = self.letters = self.probed = 0
         self.non_korean = False
         self.raw_of_good: list[bytes | None] = []  # kept only while probing (to quarantine if needed)
+        # Arrow tables of rows from the block fast path (_fast_jsonl), in order before ``cols``'s rows
+        self.parts: list[pa.Table] = []
+        self.n_parts = 0
 
     def add(self, *, id: str, text: str | None, source: str, line: int | None, offset: int,
             bytes_in: int, bad: str | None = None, detail: str | None = None, raw: bytes | None = None,
@@ -360,15 +412,32 @@ class _Rows:
         self.raw_of_good = []
 
     def ready(self) -> bool:
-        return not self.probing and len(self.cols["id"]) >= self.cfg.batch_rows
+        return not self.probing and len(self) >= self.cfg.batch_rows
+
+    def extend(self, t: pa.Table) -> None:
+        """Append rows built whole by the block fast path (after the rows already held)."""
+        if self.cols["id"]:
+            self.parts.append(pa.table(self.cols, schema=SCHEMA))
+            self.n_parts += len(self.cols["id"])
+            self.cols = {f.name: [] for f in SCHEMA}
+        self.parts.append(t)
+        self.n_parts += t.num_rows
 
     def take(self) -> pa.Table:
+        """All rows held; with block rows among them, exactly ``batch_rows`` (the rest stays), so the
+        tables are cut where the line-by-line reader cuts them."""
         t = pa.table(self.cols, schema=SCHEMA)
         self.cols = {f.name: [] for f in SCHEMA}
-        return t
+        if not self.parts:
+            return t
+        t = pa.concat_tables(self.parts + [t]) if t.num_rows else pa.concat_tables(self.parts)
+        n = min(self.cfg.batch_rows, t.num_rows)
+        rest = t.slice(n)
+        self.parts, self.n_parts = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+        return t.slice(0, n).combine_chunks()
 
     def __len__(self) -> int:
-        return len(self.cols["id"])
+        return self.n_parts + len(self.cols["id"])
 
 
 def _default_id(split: dict[str, Any], line: int | None, offset: int) -> str:
@@ -402,7 +471,7 @@ def _line_record(rows: _Rows, split: dict[str, Any], fmt: str, line: int | None,
         return
     try:
         obj = json.loads(s)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the interpreter's limit
         rows.add(text=None, bad="malformed_json", detail=str(e)[:200], raw=data, **common)
         return
     if not isinstance(obj, dict):
@@ -435,9 +504,126 @@ def _line_record(rows: _Rows, split: dict[str, Any], fmt: str, line: int | None,
     rows.add_good(text, data, **common)
 
 
-def read_split(split: dict[str, Any], cfg: ReadConfig) -> Iterator[pa.Table]:
+# Block fast path for JSONL: one pyarrow.json parse per block of complete lines instead of json.loads
+# + per-row Python per line (~3x the whole read's cost on ~100-byte documents). It is taken only when
+# the block provably parses to what the line-by-line path would produce, and otherwise the block goes
+# line by line (so every bad line is still found, counted and quarantined exactly as before):
+# * no NUL, '\r' or JSON '\u' escape in the block (these need the per-line checks: NUL bytes, lone
+#   surrogates, escaped field names), valid UTF-8 as a whole, no empty line;
+# * every line starts with '{' and ends with '}': a line starting with '{' can never continue an
+#   unfinished value of the line before (after a complete value only ',' '}' ']' may follow, and a
+#   raw newline inside a string is invalid JSON), so each line is its own value; and pyarrow.json
+#   crashes the process (SIGSEGV, pyarrow 2x) on a block whose first value is a bare 'null';
+# * no digit run longer than Python's int-string limit (json.loads refuses such numbers), and no line
+#   nested deeper than _MAX_BRACKETS (json.loads raises RecursionError on very deep nesting);
+# * the parse gives one row per line (two objects on one line give two), a non-null string text for
+#   every row; a duplicate field, a non-string text/source or a non-integer id makes pyarrow raise.
+_MAX_BRACKETS = 200   # '[' + '{' per line above which the block goes line by line
+_MIN_FAST_LINES = 16  # below this the per-line path is as cheap
+_PJ_READ = None
+
+
+def _long_digit_run() -> bytes | None:
+    import sys
+
+    lim = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    return b"0" * (lim + 1) if lim else None
+
+
+# digits -> '0', every other byte -> '.': a run longer than the limit is then one C substring search
+# (~1 GB/s; a regex like [0-9]{4301} tries every digit position and ran at ~10 MB/s)
+_LONG_DIGITS = _long_digit_run()
+_DIGITS_TO_0 = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+
+
+def _parse_block(block: bytes, cfg: ReadConfig, id_type: pa.DataType | None) -> pa.Table:
+    import pyarrow.json as pj
+
+    fields = [(cfg.text_field, pa.string())]
+    if id_type is not None:
+        fields.append((cfg.id_field, id_type))
+    if cfg.source_field:
+        fields.append((cfg.source_field, pa.string()))
+    return pj.read_json(
+        pa.BufferReader(block),
+        # one block, one thread: Ray Data already runs one read task per core
+        read_options=pj.ReadOptions(use_threads=False, block_size=len(block) + 1),
+        parse_options=pj.ParseOptions(explicit_schema=pa.schema(fields), unexpected_field_behavior="ignore",
+                                      newlines_in_values=False))
+
+
+def _fast_jsonl(rows: _Rows, split: dict[str, Any], block: bytes, offset: int, lens: list[int],
+                line: int | None) -> pa.Table | None:
+    """Rows of :data:`SCHEMA` for a block of complete JSONL lines, or None (then read it line by line)."""
+    import numpy as np
+
+    cfg = rows.cfg
+    n = len(lens)
+    if n < _MIN_FAST_LINES or b"\x00" in block or b"\\u" in block or b"\r" in block:
+        return None
+    names = [f for f in (cfg.text_field, cfg.id_field, cfg.source_field) if f]
+    if len(set(names)) != len(names):
+        return None
+    ln = np.asarray(lens, dtype=np.int64)
+    if ln.min() == 0:
+        return None
+    starts = np.empty(n, np.int64)
+    starts[0] = 0
+    np.cumsum(ln[:-1] + 1, out=starts[1:])
+    arr = np.frombuffer(block, np.uint8)
+    if not ((arr[starts] == 0x7B).all() and (arr[starts + ln - 1] == 0x7D).all()):  # '{' ... '}'
+        return None
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if _LONG_DIGITS is not None and _LONG_DIGITS in block.translate(_DIGITS_TO_0):
+        return None
+    nest = np.flatnonzero((arr == 0x5B) | (arr == 0x7B))  # '[' '{'
+    if nest.size > _MAX_BRACKETS and np.bincount(np.searchsorted(starts, nest, "right")).max() > _MAX_BRACKETS:
+        return None
+    t = None
+    # ids are strings or integers in practice; anything else (floats, mixed) goes line by line
+    for id_type in ((pa.string(), pa.int64()) if cfg.id_field else (None,)):
+        try:
+            t = _parse_block(block, cfg, id_type)
+            break
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            continue
+    if t is None or t.num_rows != n:
+        return None
+    text = t.column(cfg.text_field).combine_chunks()
+    if text.null_count:
+        return None
+    import pyarrow.compute as pc
+
+    abs_off = starts + offset
+    file = split["file"]
+    if line is not None:
+        line_arr = pa.array(np.arange(line, line + n, dtype=np.int64))
+        default_id = pc.binary_join_element_wise(file + ":", pc.cast(line_arr, pa.string()), "")
+    else:
+        line_arr = pa.nulls(n, pa.int64())
+        default_id = pc.binary_join_element_wise(file + "@", pc.cast(pa.array(abs_off), pa.string()), "")
+    ids = default_id
+    if cfg.id_field:
+        rid = pc.cast(t.column(cfg.id_field).combine_chunks(), pa.string())
+        use = pc.fill_null(pc.not_equal(rid, ""), False)
+        ids = pc.if_else(use, rid, default_id)
+    src = pa.array([split["dataset"]] * n, pa.string()) if n else pa.array([], pa.string())
+    if cfg.source_field:
+        s = t.column(cfg.source_field).combine_chunks()
+        src = pc.if_else(pc.fill_null(pc.not_equal(s, ""), False), s, split["dataset"])
+    key = (int(split.get("file_index", 0)) << KEY_FILE_SHIFT) | abs_off
+    nulls = pa.nulls(n, pa.string())
+    return pa.table([pa.array(key), ids, text, src, pa.array([file] * n, pa.string()), line_arr,
+                     pa.array(abs_off), pa.array(ln), nulls, nulls, pa.nulls(n, pa.binary())], schema=SCHEMA)
+
+
+def read_split(split: dict[str, Any], cfg: ReadConfig, fast: bool = True) -> Iterator[pa.Table]:
     """Stream one split as Arrow tables of :data:`SCHEMA` (good and bad rows). Never raises on bad
-    data: read/decompression errors end the split with one bad row; rows before it are kept."""
+    data: read/decompression errors end the split with one bad row; rows before it are kept.
+    ``fast=False`` parses every JSONL line on its own (the reference the block fast path must equal)."""
     fmt, comp = file_format(split["path"])
     rows = _Rows(split, cfg)
     if fmt == "parquet":
@@ -456,13 +642,41 @@ def read_split(split: dict[str, Any], cfg: ReadConfig) -> Iterator[pa.Table]:
             lines = _Lines(stream, max(start - 1, 0), end, cfg.max_doc_bytes, cfg.reject_prefix_bytes,
                            skip_first=start > 0)
             line_no = 1 if start == 0 else None
-            for offset, data, length in lines:
-                n += 1
-                _line_record(rows, split, fmt, line_no, offset, data, length, lines.prefix)
-                if line_no is not None:
-                    line_no += 1
-                if rows.ready():
-                    yield rows.take()
+            for ev in lines.blocks():
+                if ev[0] == "line":
+                    n += 1
+                    _line_record(rows, split, fmt, line_no, ev[1], ev[2], ev[3], lines.prefix)
+                    if line_no is not None:
+                        line_no += 1
+                    if rows.ready():
+                        yield rows.take()
+                    continue
+                _, offset, block, lens = ev
+                k = p = 0  # lines of the block done, bytes of the block done
+                try_fast = fast and fmt == "jsonl"
+                while k < len(lens):
+                    # line by line while the Korean probe runs (it may turn rows into bad ones)
+                    if try_fast and not rows.probing and not rows.non_korean:
+                        t = _fast_jsonl(rows, split, block[p:] if p else block, offset + p, lens[k:], line_no)
+                        if t is not None:
+                            rows.extend(t)
+                            n += t.num_rows
+                            if line_no is not None:
+                                line_no += t.num_rows
+                            k = len(lens)
+                            while rows.ready():
+                                yield rows.take()
+                            break
+                        try_fast = False  # the rest of this block goes line by line
+                    m = lens[k]
+                    n += 1
+                    _line_record(rows, split, fmt, line_no, offset + p, block[p:p + m], m, b"")
+                    if line_no is not None:
+                        line_no += 1
+                    p += m + 1
+                    k += 1
+                    if rows.ready():
+                        yield rows.take()
     except Exception as e:  # noqa: BLE001 -- any read failure is quarantined, never fatal
         reason = _classify(e)
         tail = lines.pending if lines is not None else b""
@@ -475,7 +689,7 @@ def read_split(split: dict[str, Any], cfg: ReadConfig) -> Iterator[pa.Table]:
             rows.add(id=_default_id(split, None, 0), text=None, source=split["dataset"], line=None, offset=0,
                      bytes_in=0, bad="empty_file", detail="no lines in file", raw=b"")
     rows.decide()
-    if len(rows):
+    while len(rows):
         yield rows.take()
 
 

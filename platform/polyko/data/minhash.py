@@ -86,6 +86,30 @@ def near_canonical(text: str, ignore_spaces: bool = True) -> str:
     return ("" if ignore_spaces else " ").join(text.replace("\x00", "").split()).lower()
 
 
+# Joins a batch for the canonical forms: not whitespace (str.split keeps it), not cased and not
+# case-ignorable (str.lower's final-sigma rule looks across neither), not NUL (dropped by near_canonical):
+# so each document's canonical form is computed exactly as on its own, in a few C-level passes over
+# the batch instead of ~5 Python-level calls per document.
+_SEP = "\x01"
+
+
+def _batch_ok(texts: list[str]) -> bool:
+    return len(texts) > 1 and all(type(t) is str for t in texts)
+
+
+def near_canonical_batch(texts: list[str], ignore_spaces: bool = True) -> list[str]:
+    """``[near_canonical(t, ignore_spaces) for t in texts]``, computed on the joined batch."""
+    if _batch_ok(texts):
+        joined = _SEP.join(texts)
+        if joined.count(_SEP) == len(texts) - 1:  # no text holds the separator itself
+            if ignore_spaces:
+                out = "".join(joined.replace("\x00", "").split()).lower().split(_SEP)
+            else:
+                out = [" ".join(p.split()) for p in joined.replace("\x00", "").lower().split(_SEP)]
+            return out
+    return [near_canonical(t, ignore_spaces) for t in texts]
+
+
 def exact_key(text: str) -> bytes:
     """128-bit blake2b of the exact canonical form (64 bits would collide with ~3% odds at 1e9 docs)."""
     return hashlib.blake2b(exact_canonical(text).encode("utf-8"), digest_size=16).digest()
@@ -122,7 +146,7 @@ class MinHasher:
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(32-bit shingle hashes as uint64, shingle count per text). Hashes of text d are contiguous."""
         n = self.ngram
-        canon = [near_canonical(t, self.ignore_spaces) for t in texts]
+        canon = near_canonical_batch(texts, self.ignore_spaces)
         lens = np.fromiter((len(t) for t in canon), dtype=np.int64, count=len(canon))
         counts = np.where(lens >= n, lens - n + 1, (lens > 0).astype(np.int64))
         if counts.sum() == 0:
@@ -149,6 +173,7 @@ class MinHasher:
         # ~7x faster than fresh temporaries; ~2.5 ns per (shingle, permutation) on one core.
         y = np.empty((self.num_perm, _CHUNK), np.uint64)
         t = np.empty_like(y)
+        u32 = np.empty((self.num_perm, _CHUNK), np.uint32)
         for c0 in range(0, x.size, _CHUNK):
             xs, docs = x[c0:c0 + _CHUNK], doc_of[c0:c0 + _CHUNK]
             yy, tt = y[:, : xs.size], t[:, : xs.size]
@@ -156,12 +181,14 @@ class MinHasher:
             yy += self.b
             # mod 2^61-1 by folding: (y & p) + (y >> 61) is congruent to y and < p + 8; the final
             # conditional subtraction is skipped (it matters with probability < 2^-57 per value).
+            # Only the low 32 bits are kept, and the low 32 bits of a sum depend only on the addends'
+            # low 32 bits, which '& p' does not touch: so (y + (y >> 61)) mod 2^32 is the same value,
+            # one pass fewer, and the minima run over uint32 (half the bytes of uint64).
             np.right_shift(yy, _S61, out=tt)
-            yy &= _MERSENNE
             yy += tt
-            yy &= _MASK32
+            np.copyto(u32[:, : xs.size], yy, casting="unsafe")  # truncation = & (2^32 - 1)
             cuts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
-            mins = np.minimum.reduceat(yy, cuts, axis=1).T.astype(np.uint32)
+            mins = np.minimum.reduceat(u32[:, : xs.size], cuts, axis=1).T
             d = docs[cuts]  # unique within the chunk (each text's shingles are contiguous)
             sig[d] = np.minimum(sig[d], mins)
         return sig, counts > 0

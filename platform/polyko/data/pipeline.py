@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from polyko.config import config_hash, to_dict
-from polyko.data.clean import PII_KINDS, CleanConfig, clean_text
+from polyko.data.clean import PII_KINDS, CleanConfig, clean_text, fast_decisions
 from polyko.data.decontam import DecontamConfig
 from polyko.data.dedup import DedupConfig
 from polyko.data.io import SCHEMA, ReadConfig, list_splits, read_batch
@@ -128,8 +128,10 @@ def clean_batch(t: pa.Table, cfg: CleanConfig) -> pa.Table:
 
     Adds ``kind`` (kept/filter/bad), ``reason`` (rule or bad-input reason; "kept"), ``bytes_out``
     (UTF-8 bytes of the cleaned text) and ``pii_<kind>`` counts; ``text`` becomes the cleaned text
-    (null unless kept). Python loop over documents: clean_text itself is regex (C) work. A document
-    that makes the cleaner raise is quarantined as ``clean_error`` (the batch goes on).
+    (null unless kept). :func:`polyko.data.clean.fast_decisions` settles most documents for the whole
+    batch (numpy over its code points; ~85 % of the shared corpus), the rest go through ``clean_text``
+    one by one, with identical results. A document that makes the cleaner raise is quarantined as
+    ``clean_error`` (the batch goes on).
     """
     texts = t.column("text").to_pylist()
     bad = t.column("bad").to_pylist()
@@ -139,9 +141,22 @@ def clean_batch(t: pa.Table, cfg: CleanConfig) -> pa.Table:
     reason = ["kept"] * n
     bytes_out = [0] * n
     pii = {k: [0] * n for k in PII_KINDS}
+    # most documents are settled for the whole batch at once (unchanged text, no PII, reason from
+    # vectorised counts); the rest go through clean_text one by one
+    decided, fast_reason = fast_decisions([None if b is not None else x for x, b in zip(texts, bad)], cfg)
+    if decided.any():
+        nbytes = pc.binary_length(t.column("text")).to_pylist()
     for i in range(n):
         if bad[i] is not None:
             kind[i], reason[i] = "bad", bad[i]
+            continue
+        if decided[i]:
+            r_ = fast_reason[i]
+            if r_ is None:
+                out[i] = texts[i]
+                bytes_out[i] = nbytes[i]
+            else:
+                kind[i], reason[i] = "filter", r_
             continue
         try:
             r = clean_text(texts[i], cfg)
