@@ -37,10 +37,18 @@ Figures (all measured in this process, on this machine, on the same text):
   ``peak_pss_mb`` / ``pss_ratio``: the same with each process's PSS (shared pages divided among the
   processes mapping them): the tree's real memory, the figure the memory goal is judged on (RSS
   counts the object store once per worker that touched it).
-* ``distributed``: the same inputs with ``dedup.local_max_docs=0`` (every dedup step shuffled, what a
-  corpus above ``local_max_docs`` takes): seconds, RSS, ``dist_over_local`` (goal <= 2 at the largest
-  scale) and whether its output equals the default run's (``same_output``). Above 500k documents
-  (from 10x on here) the default already takes the distributed path.
+* ``memory_breakdown_mb`` per scale: ``at_peak`` = PSS per process kind (driver, raylet, gcs_server,
+  ``ray::<task>`` as each worker's process title names what it ran) in the sample where the tree's
+  PSS peaked, plus ``[anon]`` / ``[shmem]`` (the object store, in /dev/shm) / ``[file]`` of that
+  sample; ``peak_by_kind`` = each kind's own peak (not simultaneous).
+* ``dedup_path`` per scale: the path the DEFAULT config took (``one-task`` up to ``local_max_docs``
+  documents, else ``distributed``).
+* ``distributed``: the dedup paths compared, both without the pack stage: the default run minus its
+  pack time against a second run forced onto the OTHER path (``local_max_docs=0`` where the default
+  was one-task; ``local_max_docs`` raised past the corpus, i.e. the real one-task path, where the
+  default already shuffled -- 50x here); ``compared`` says which. ``seconds`` / ``local_seconds``,
+  ``dist_over_local`` (goal <= 2 at the largest scale), the distributed side's RSS/PSS, the second
+  run's breakdown, and whether both outputs are equal (``same_output``).
 * ``load_avg_1m``: the machine's load when the run started (other jobs deflate every wall figure).
 """
 
@@ -61,13 +69,64 @@ SHARED = Path(os.environ.get("POLYKO_SHARED_DATA", REPO.parent / "shared" / "dat
 WINDOW = 16  # ranks per permutation window
 
 
+def _smaps_kb(pid: int) -> dict[str, int]:
+    """Rss / Pss / Pss_Anon / Pss_Shmem / Pss_File (kB) from /proc/PID/smaps_rollup (Linux >= 5.x):
+    one small read per process, so a 0.25 s sampler stays cheap with dozens of Ray workers."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+        for line in f:
+            k, _, v = line.partition(b":")
+            if k in (b"Rss", b"Pss", b"Pss_Anon", b"Pss_Shmem", b"Pss_File"):
+                out[k.decode()] = int(v.split()[0])
+    return out
+
+
+def process_kind(p, driver_pid: int) -> str:
+    """What a process of the tree is: ``driver``, ``raylet`` (it also hosts the plasma object store),
+    ``gcs_server``, ``ray_agents`` (dashboard / runtime-env / log-monitor helpers), or ``ray::<task or
+    actor>`` for a worker as its process title names what it runs at that instant (Ray sets it per
+    task; ``ray::IDLE`` between tasks)."""
+    if p.pid == driver_pid:
+        return "driver"
+    try:
+        cmd = p.cmdline()
+    except Exception:  # noqa: BLE001 - a process that exited while being sampled
+        return "other"
+    head = cmd[0] if cmd else p.name()
+    if head.startswith("ray::"):
+        name = head.split()[0]
+        if name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::IDLE_SpillWorker", "ray::IDLE_RestoreWorker"):
+            return name
+        if "Spill" in name or "Restore" in name:
+            return "ray::spill/restore"
+        if "(" not in name:  # an actor's "ray::Class.method" / "ray::name:Class.method" -> "ray::Class"
+            name = "ray::" + name[5:].split(".")[0].split(":")[-1]
+        return name  # e.g. ray::_split_hash, ray::_reduce, ray::MapBatches(_KeysFn), ray::PackActor
+    base = os.path.basename(head)
+    if "raylet" in base:
+        return "raylet"
+    if "gcs_server" in base:
+        return "gcs_server"
+    joined = " ".join(cmd)
+    if "default_worker.py" in joined:
+        return "ray::IDLE"  # a worker that has not run anything yet
+    if "log_monitor" in joined or "dashboard" in joined or "monitor.py" in joined:
+        return "ray_agents"
+    return base
+
+
 class PeakRSS:
-    """Peak summed RSS (bytes) and CPU seconds of this process tree, sampled in a thread.
+    """Peak summed RSS / PSS (bytes) and CPU seconds of this process tree, sampled in a thread.
 
     ``cpu_s``: user + system seconds the tree spent while the monitor ran -- per process the last
     sample minus its value at start (0 for processes born later), so workers that exit between
     samples lose at most one interval. Unlike wall time it does not grow when other jobs share the
-    cores, which makes it the figure to compare runs on a loaded machine by."""
+    cores, which makes it the figure to compare runs on a loaded machine by.
+
+    Breakdown (MB): ``at_peak`` = PSS per process kind (:func:`process_kind`) in the sample where the
+    tree's PSS peaked, plus that sample's split into anonymous heap (``anon``), shared memory
+    (``shmem``: the plasma object store lives in /dev/shm, so this is the store's resident part)
+    and file pages; ``peak_by_kind`` = each kind's own peak over the run (not simultaneous)."""
 
     def __init__(self, interval: float = 0.25) -> None:
         import psutil
@@ -75,6 +134,8 @@ class PeakRSS:
         self.proc, self.interval, self.peak, self.peak_pss = psutil.Process(), interval, 0, 0
         self._cpu0: dict[int, float] = {}
         self._cpu: dict[int, float] = {}
+        self.at_peak: dict = {}
+        self.peak_by_kind: Counter = Counter()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -82,17 +143,39 @@ class PeakRSS:
         import psutil
 
         total = pss = 0
+        kinds: Counter = Counter()
+        split: Counter = Counter()
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
-                m = p.memory_full_info()  # Linux: smaps_rollup, PSS included
-                total += m.rss
-                pss += getattr(m, "pss", m.rss)
+                m = _smaps_kb(p.pid)
                 c = p.cpu_times()
                 self._cpu[(p.pid, p.create_time())] = c.user + c.system
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        self.peak_pss = max(self.peak_pss, pss)
+                kind = process_kind(p, self.proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
+                continue
+            total += m.get("Rss", 0) << 10
+            pss += m.get("Pss", 0) << 10
+            kinds[kind] += m.get("Pss", 0) << 10
+            for k, name in (("Pss_Anon", "anon"), ("Pss_Shmem", "shmem"), ("Pss_File", "file")):
+                split[name] += m.get(k, 0) << 10
+        for k, v in kinds.items():
+            self.peak_by_kind[k] = max(self.peak_by_kind[k], v)
+        if pss > self.peak_pss:
+            self.peak_pss = pss
+            self.at_peak = {"by_kind": dict(kinds), "split": dict(split)}
         return total
+
+    def breakdown(self) -> dict:
+        """MB figures (see the class docstring); kinds under 20 MB are folded into ``other``."""
+        def mb(d: dict) -> dict:
+            out: Counter = Counter()
+            for k, v in sorted(d.items(), key=lambda kv: -kv[1]):
+                out[k if v >= 20 << 20 else "other"] += v
+            return {k: round(v / 2**20) for k, v in out.items()}
+
+        return {"at_peak": {**mb(self.at_peak.get("by_kind", {})),
+                            **{f"[{k}]": round(v / 2**20) for k, v in self.at_peak.get("split", {}).items()}},
+                "peak_by_kind": mb(self.peak_by_kind)}
 
     @property
     def cpu_s(self) -> float:
@@ -106,6 +189,7 @@ class PeakRSS:
     def __enter__(self) -> "PeakRSS":
         self.sample()
         self._cpu0 = dict(self._cpu)
+        self.peak_pss, self.at_peak, self.peak_by_kind = 0, {}, Counter()
         self._t.start()
         return self
 
@@ -187,7 +271,7 @@ def tokenizer_baseline(corpus: list, tables: list, tokenizer_dir: Path, batch: i
     return nbytes / 1e6 / (time.perf_counter() - t0), nbytes / 1e6 / (time.thread_time() - c0)
 
 
-def run_once(inp: Path, out: Path, tokdir: Path | None, local_max_docs: int | None) -> tuple[dict, float, int, float, int]:
+def run_once(inp: Path, out: Path, tokdir: Path | None, local_max_docs: int | None) -> tuple[dict, float, "PeakRSS"]:
     from polyko.data.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(output=str(out), inputs=(str(inp),), track=False,
@@ -198,7 +282,7 @@ def run_once(inp: Path, out: Path, tokdir: Path | None, local_max_docs: int | No
         t0 = time.perf_counter()
         stats = run_pipeline(cfg)
         secs = time.perf_counter() - t0
-    return stats, secs, mon.peak, mon.cpu_s, mon.peak_pss
+    return stats, secs, mon
 
 
 def main() -> None:
@@ -219,6 +303,9 @@ def main() -> None:
 
     from polyko.cluster import init_ray
 
+    from polyko.data.dedup import DedupConfig
+
+    default_local_max = DedupConfig().local_max_docs
     corpus_dir, tokdir = Path(args.corpus), Path(args.tokenizer)
     scales = [int(s) for s in args.scales.split(",")]
     corpus = load_corpus(corpus_dir, args.max_files)
@@ -234,39 +321,56 @@ def main() -> None:
                  "text_mb": {}, "documents_in": {}, "seconds": {}, "text_mb_s_per_core": {}, "ratio_by_scale": {},
                  "peak_rss_mb": {}, "peak_pss_mb": {}, "cpu_s": {}, "cpu_ratio_by_scale": {}, "core_utilisation": {},
                  "dedup_per_1x": {}, "stage_seconds": {}}
-    dist: dict = {"seconds": {}, "peak_rss_mb": {}, "peak_pss_mb": {}, "dist_over_local": {}, "same_output": {}}
+    dist: dict = {"seconds": {}, "local_seconds": {}, "compared": {}, "peak_rss_mb": {}, "peak_pss_mb": {},
+                  "dist_over_local": {}, "same_output": {}, "memory_breakdown_mb": {}}
+    res["dedup_path"], res["memory_breakdown_mb"] = {}, {}
     with tempfile.TemporaryDirectory(prefix="polyko-bench-", dir=args.workdir) as tmp:
         for n in scales:
             inp, text_bytes = write_scale(corpus, tables, Path(tmp), n)
             key = f"x{n}"
-            stats, secs, peak, cpu_s, pss = run_once(inp, Path(tmp) / f"out{n}", None if args.no_pack else tokdir, None)
-            mb = text_bytes / 1e6
+            stats, secs, mon = run_once(inp, Path(tmp) / f"out{n}", None if args.no_pack else tokdir, None)
+            cpu_s, mb = mon.cpu_s, text_bytes / 1e6
+            # what the default config did at this size (the key table holds the documents kept by cleaning)
+            one_task = stats["kept_after_clean"] <= default_local_max
+            res["dedup_path"][key] = "one-task" if one_task else "distributed"
             res["text_mb"][key] = round(mb, 1)
             res["documents_in"][key] = stats["documents_in"]
             res["seconds"][key] = round(secs, 1)
             res["text_mb_s_per_core"][key] = round(mb / secs / cpus, 3)
             res["ratio_by_scale"][key] = round(mb / secs / cpus / tok_mb_s, 3)
-            res["peak_rss_mb"][key] = round(peak / 2**20)
-            res["peak_pss_mb"][key] = round(pss / 2**20)
+            res["peak_rss_mb"][key] = round(mon.peak / 2**20)
+            res["peak_pss_mb"][key] = round(mon.peak_pss / 2**20)
+            res["memory_breakdown_mb"][key] = mon.breakdown()
             res["cpu_s"][key] = round(cpu_s, 1)
             res["cpu_ratio_by_scale"][key] = round(mb / cpu_s / tok_cpu_mb_s, 3)
             res["core_utilisation"][key] = round(cpu_s / secs / cpus, 3)
             res["dedup_per_1x"][key] = {k: round(v / n) for k, v in stats["duplicates_removed"].items()}
             res["stage_seconds"][key] = stats["timings_s"]
-            print(f"x{n}: {mb:.0f} MB text in {secs:.0f} s, peak RSS {peak / 2**20:.0f} MB, "
-                  f"dedup {stats['duplicates_removed']}", file=sys.stderr, flush=True)
+            print(f"x{n}: {mb:.0f} MB text in {secs:.0f} s, peak PSS {mon.peak_pss / 2**20:.0f} MB "
+                  f"({res['dedup_path'][key]} dedup), dedup {stats['duplicates_removed']}, "
+                  f"breakdown {res['memory_breakdown_mb'][key]['at_peak']}", file=sys.stderr, flush=True)
             if not args.no_distributed:
-                dstats, dsecs, dpeak, _, dpss = run_once(inp, Path(tmp) / f"dist{n}", None, 0)
+                # like for like, both without the pack stage: the default run minus its pack time is one
+                # side; the other side is a second run forced onto the other dedup path (the one-task
+                # path with local_max_docs raised past the corpus when the default already shuffled)
+                other = 0 if one_task else max(default_local_max, stats["kept_after_clean"])
+                ostats, osecs, omon = run_once(inp, Path(tmp) / f"other{n}", None, other)
+                default_s = secs - stats["timings_s"].get("pack_s", 0.0)
+                dsecs, lsecs = (osecs, default_s) if one_task else (default_s, osecs)
+                dmon = omon if one_task else mon
+                dist["compared"][key] = ("default (one-task) minus pack vs local_max_docs=0" if one_task else
+                                         f"default (distributed) minus pack vs local_max_docs={other} (one-task)")
                 dist["seconds"][key] = round(dsecs, 1)
-                dist["peak_rss_mb"][key] = round(dpeak / 2**20)
-                dist["peak_pss_mb"][key] = round(dpss / 2**20)
-                # like for like: the default run without its pack stage
-                local_s = secs - stats["timings_s"].get("pack_s", 0.0)
-                dist["dist_over_local"][key] = round(dsecs / local_s, 3)
-                dist["same_output"][key] = (dstats["documents_out"] == stats["documents_out"]
-                                            and dstats["duplicates_removed"] == stats["duplicates_removed"])
-                print(f"x{n} distributed dedup: {dsecs:.0f} s, peak RSS {dpeak / 2**20:.0f} MB", file=sys.stderr,
-                      flush=True)
+                dist["local_seconds"][key] = round(lsecs, 1)
+                dist["peak_rss_mb"][key] = round(dmon.peak / 2**20)
+                dist["peak_pss_mb"][key] = round(dmon.peak_pss / 2**20)
+                dist["memory_breakdown_mb"][key] = omon.breakdown()
+                dist["dist_over_local"][key] = round(dsecs / lsecs, 3)
+                dist["same_output"][key] = (ostats["documents_out"] == stats["documents_out"]
+                                            and ostats["duplicates_removed"] == stats["duplicates_removed"])
+                print(f"x{n} {'distributed' if one_task else 'one-task'} dedup: {osecs:.0f} s, peak PSS "
+                      f"{omon.peak_pss / 2**20:.0f} MB, breakdown {dist['memory_breakdown_mb'][key]['at_peak']}",
+                      file=sys.stderr, flush=True)
             import shutil
 
             shutil.rmtree(inp, ignore_errors=True)

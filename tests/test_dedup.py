@@ -353,3 +353,23 @@ def test_shuffle_keeps_key_groups_whole(ray_local):
         out = pa.concat_tables(ray.get(Blocks(refs).shuffle("k", parts, groups, reducers=reducers).refs))
         assert out.num_rows == len(set(keys.tolist()))  # one row per key: no group cut in two
         assert sorted(out["x_count"].to_pylist()) == sorted(np.bincount(keys)[np.unique(keys)].tolist())
+
+
+def test_exact_marking_keeps_row_order_and_keys_hold_no_signatures():
+    """The key table carries band hashes but no 512 B/doc signatures (verification recomputes them
+    for the candidate pairs' ends), and ``_mark_exact`` leaves the rows in place (no copy of the
+    table): every row's representative is the smallest id with the same canonical text."""
+    from polyko.data.dedup import _KeysFn, _mark_exact
+
+    rng = np.random.default_rng(1)
+    texts = ["가나다라마바", "가나다라  마바", "사아자차카타", "파하 가나다", "사아자차카타"]
+    rows = [{"id": int(i), "text": texts[int(rng.integers(len(texts)))]} for i in rng.permutation(200)]
+    keys = _KeysFn(DedupConfig(), "text", "id", None)(pa.Table.from_pylist(rows))
+    assert "_sig" not in keys.column_names and "_bands" in keys.column_names
+    marked = _mark_exact(keys)
+    assert marked["id"].to_pylist() == [r["id"] for r in rows]
+    best: dict = {}
+    for r in rows:
+        c = exact_canonical(r["text"])
+        best[c] = min(best.get(c, r["id"]), r["id"])
+    assert marked["_rep"].to_pylist() == [best[exact_canonical(r["text"])] for r in rows]

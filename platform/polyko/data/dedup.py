@@ -12,14 +12,18 @@ duplicates) and ``kind`` (``"exact"`` or ``"near"``). This module is the driver;
 How it scales (nothing of corpus size ever reaches the driver, and the TEXT is never shuffled):
 
 1. keys      one Ray Data map over the corpus: per document a 128-bit blake2b hash of the exact canonical
-             text, the MinHash signature and its LSH band hashes. The key table is
-             ~(id + 16 + 8*bands [+ 4*num_perm]) bytes/doc.
-2. exact     shuffle the key table by hash; in each hash run the smallest id is the representative.
-3. buckets   explode the representatives' band hashes, shuffle by bucket; every bucket with >1 member
-             gives star edges (smallest id, other) -- the text-dedup / NeMo Curator recipe.
+             text and the LSH band hashes of its MinHash signature (the signature itself is not kept:
+             512 B/doc at num_perm=128, 5x the rest). The key table is ~(id + source + 16 + 8*bands)
+             bytes/doc, ~130 B; it is held once, in the corpus's block order, and never shuffled whole.
+2. exact     shuffle (id, hash, source) by hash; in each hash run the smallest id is the representative.
+3. buckets   map tasks over the key table drop the exact duplicates (a range-chunked anti-join as in 7)
+             and explode the representatives' band hashes; shuffle by bucket; every bucket with >1
+             member gives star edges (smallest id, other) -- the text-dedup / NeMo Curator recipe.
 4. verify    (optional) drop candidate pairs whose similarity is below ``threshold``: ``"minhash"``
              compares the full signatures (estimated Jaccard, std ~ sqrt(J(1-J)/num_perm) = 0.035 at
-             J=0.8, num_perm=128; two shuffles of the signature table), ``"jaccard"`` computes the
+             J=0.8, num_perm=128), recomputed for the candidate pairs' ends only by a range-chunked
+             semi-join over the corpus (one more read of it; MinHash over ~1-3 % of the documents on the
+             shared corpus), then two shuffles of (edges + ends' signatures); ``"jaccard"`` computes the
              true shingle Jaccard (exact; two shuffles of the candidates' texts), ``"none"`` keeps every
              LSH candidate. Joins are reduce-side joins (both tables hash-partitioned on the key).
 5. components connected components of the verified edges; every document in a component points to the
@@ -29,7 +33,7 @@ How it scales (nothing of corpus size ever reaches the driver, and the TEXT is n
              A,C below the threshold (standard for LSH dedup); star edges after verification can also
              miss B~C when both only met A in a bucket and A fails verification (a little recall,
              never precision).
-6. resolve   shuffle key table + component roots by representative -> ``removed``.
+6. resolve   shuffle (id, representative, source) + component roots by representative -> ``removed``.
 7. kept      a RANGE-partitioned broadcast anti-join: the removed ids are range-partitioned into sorted
              chunks of ``drop_chunk_rows`` (8-16 MB) with known [lo, hi]; each map task over the corpus
              fetches only the chunks overlapping its block's id range. The pipeline's ids are
@@ -40,13 +44,14 @@ How it scales (nothing of corpus size ever reaches the driver, and the TEXT is n
 Every shuffle of steps 2-6 is :class:`polyko.data.shuffle.Blocks` (Ray core tasks, pieces in the
 object store, spilled to disk when it is full): a key group can never be split across reduce calls,
 whatever the block sizes -- ``tests/test_dedup.py`` forces many small blocks per partition and several
-partitions per reduce block and gets exactly the single-process reference.
+partitions per reduce block and gets exactly the single-process reference. Each shuffle's partition
+count follows the bytes it moves (~64 MB per partition), so a reduce task's heap is bounded.
 
-Small corpora (up to ``local_max_docs`` documents, default 500k, i.e. a key table of ~0.3 GB with
-``verify="minhash"``) skip every shuffle: steps 2-6 run as ONE Ray task over the (materialised,
-text-free) key table, with the very same per-partition functions (results are identical: the tests run
-both paths against the same single-process reference). ``verify="jaccard"`` needs the texts and always
-takes the distributed path.
+Small corpora (up to ``local_max_docs`` documents, default 500k, i.e. a key table of ~65 MB) skip
+every shuffle: steps 2-3 run as ONE Ray task over the (materialised, text-free) key table and 4-6 as a
+second one after the ends' signatures are recomputed, with the very same per-partition functions
+(results are identical: the tests run both paths against the same single-process reference).
+``verify="jaccard"`` needs the texts and always takes the distributed path.
 
 Determinism: which copy survives never depends on block order, partition count or worker count:
 exact clusters keep their smallest id, near clusters their smallest id (ids compare as Arrow sorts
@@ -101,10 +106,10 @@ class DedupConfig:
     false_positive_weight: float = 0.5  # weights of the FP / FN areas optimal_bands minimises
     verify: str = "minhash"           # "none" | "minhash" (full-signature estimate) | "jaccard" (true; 2 text shuffles)
     ignore_spaces: bool = True        # near dedup: shingle the text with all whitespace removed (Korean spacing varies)
-    num_partitions: int = 0           # shuffle partitions; 0 = max(cluster CPUs, key-table MB / 64, corpus MB / 256)
+    num_partitions: int = 0           # shuffle partitions; 0 = per shuffle max(cluster CPUs, MB it moves / 64)
     cc_local_max_edges: int = 20_000_000  # components in ONE task up to this many edges (~40 B/edge), else distributed
-    local_max_docs: int = 500_000     # whole dedup in ONE task up to this many docs (~1 KB/doc of key table
-                                      # and work space with verify="minhash"), else shuffles; 0 = always shuffle
+    local_max_docs: int = 500_000     # dedup in one task (two with verify="minhash") up to this many docs
+                                      # (~0.8 KB/doc of task heap: 1.1 GB at 1.39M docs), else shuffles; 0 = always shuffle
     reducers: int = 0                 # tasks per shuffle (each takes partitions p % reducers); 0 = num_partitions
     drop_chunk_rows: int = 1_000_000  # removed ids per range chunk of the kept filter (8-16 MB each)
 
@@ -167,26 +172,56 @@ class _KeysFn:
             bands = self.hasher.band_hashes(sig)
             cols["_ok"] = pa.array(ok)
             cols["_bands"] = pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), self.hasher.bands)
-            if self.cfg.verify == "minhash":
-                cols["_sig"] = pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), self.cfg.num_perm)
+            # no signatures (512 B/doc, 5x the rest of the row): verification recomputes them for the
+            # candidate pairs' ends only (:class:`_EndSigs`)
         return pa.table(cols)
 
 
+class _EndSigs:
+    """(id, _sig) of the corpus documents whose id is in the range chunks of the candidate pairs' ends:
+    a map-side semi-join over the corpus (each block fetches the one or two chunks overlapping its id
+    range) that recomputes those documents' MinHash signatures -- the same deterministic function
+    as the key map, so the values are identical. Costs one more read of the corpus and MinHash over
+    the ends only (~1-3 % of documents on the shared corpus), instead of carrying 512 B/doc of
+    signatures in the key table through every step."""
+
+    def __init__(self, cfg: DedupConfig, chunks: list, text_column: str, id_column: str):
+        self.chunks, self.text, self.id, self.num_perm = chunks, text_column, id_column, cfg.num_perm
+        self.hasher = cfg.hasher()
+
+    def __call__(self, block: pa.Table, rows: int = 4096) -> pa.Table:
+        want = _overlapping_ids(self.chunks, block[self.id])
+        block = block.slice(0, 0) if want is None else block.filter(pc.is_in(block[self.id], value_set=want))
+        sig = [self.hasher.signatures(block[self.text].slice(i, rows).to_pylist())[0]
+               for i in range(0, block.num_rows, rows)]
+        sig = np.concatenate(sig) if sig else np.zeros((0, self.num_perm), np.uint32)
+        return pa.table({"id": block[self.id],
+                         "_sig": pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), self.num_perm)})
+
+
+def _end_signatures(ds, cfg: DedupConfig, ends: list, text_column: str, id_column: str) -> "Blocks":
+    # batch_size=None: whole blocks (see the key map in :func:`deduplicate`)
+    return Blocks.from_dataset(ds.select_columns([id_column, text_column]).map_batches(
+        _EndSigs(cfg, ends, text_column, id_column), batch_format="pyarrow", batch_size=None, zero_copy_batch=True))
+
+
 def _mark_exact(block: pa.Table) -> pa.Table:
-    """Within each exact-hash run the smallest id is the representative; adds ``_rep``."""
-    block = block.sort_by([("_xk0", "ascending"), ("_xk1", "ascending"), ("id", "ascending")])
-    new = _run_starts(_np(block["_xk0"]), _np(block["_xk1"]))
-    run = np.cumsum(new) - 1
-    rep = block["id"].take(pa.array(np.flatnonzero(new)[run] if len(run) else np.zeros(0, np.int64)))
-    return block.append_column("_rep", rep)
+    """Within each exact-hash run the smallest id is the representative; adds ``_rep``. Only the three
+    key columns are sorted (as indices) and the block keeps its row order, so its other columns (the
+    512 B/doc signatures among them) are never copied."""
+    n = block.num_rows
+    if n == 0:
+        return block.append_column("_rep", block["id"])
+    order = _np(pc.sort_indices(block.select(["_xk0", "_xk1", "id"]),
+                                sort_keys=[("_xk0", "ascending"), ("_xk1", "ascending"), ("id", "ascending")]))
+    new = _run_starts(_np(block["_xk0"])[order], _np(block["_xk1"])[order])
+    rep_row = np.empty(n, np.int64)
+    rep_row[order] = order[np.flatnonzero(new)][np.cumsum(new) - 1]  # sorted run -> its first row, in place
+    return block.append_column("_rep", block["id"].take(pa.array(rep_row)))
 
 
 def _no_exact(block: pa.Table) -> pa.Table:
     return block.append_column("_rep", block["id"])
-
-
-def _is_rep(block: pa.Table) -> pa.Table:
-    return block.filter(pc.equal(block["id"], block["_rep"]))
 
 
 class _Explode:
@@ -258,41 +293,51 @@ class _VerifyFn:
         return block.select(["src", "dst"]).filter(pa.array(sim >= cfg.threshold))
 
 
-class _LocalDedup:
-    """Steps 2-6 in ONE task over the whole key table (``DedupConfig.local_max_docs`` bounds its size):
-    exact representatives, LSH buckets, star edges, MinHash verification, components and dup_of
-    resolution run as numpy/Arrow passes over one block -- the same per-partition functions the
-    distributed path runs after each shuffle, so both paths give identical results. Saves ~5 hash
-    shuffles (each costs seconds of actor start-up and scheduling however small the table)."""
+def _concat(pieces) -> pa.Table:
+    # blocks of one table can differ in schema details (an all-null column of a block typed null):
+    # the same permissive concatenation as the shuffle's reduce step
+    pieces = [p for p in pieces if p.num_rows] or [p for p in pieces if p.num_columns][:1] or list(pieces[:1])
+    return pa.concat_tables(pieces, promote_options="permissive") if len(pieces) > 1 else pieces[0]
 
-    def __init__(self, cfg: DedupConfig, id_column: str, source: bool):
-        self.cfg, self.id, self.source = cfg, id_column, source
 
-    def __call__(self, keys: pa.Table) -> pa.Table:
-        cfg = self.cfg
-        if pc.count_distinct(keys["id"]).as_py() != keys.num_rows:
-            counts = pc.value_counts(keys["id"])
-            dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
-            raise ValueError(f"deduplicate: id column {self.id!r} is not unique (e.g. {dup}); "
-                             "give every document its own id")
-        marked = _mark_exact(keys) if cfg.exact else _no_exact(keys)
-        id_type = keys.schema.field("id").type
-        roots = pa.table({"id": pa.array([], id_type), "_root": pa.array([], id_type)})
-        if cfg.near:
-            reps = _is_rep(marked)
-            edges = _star_edges(_Explode(cfg.band_rows()[0])(reps.select(["id", "_ok", "_bands"])))
-            if edges.num_rows and cfg.verify == "minhash":
-                ids = reps["id"].combine_chunks()
-                for end in ("src", "dst"):
-                    idx = pc.index_in(edges[end], value_set=ids)
-                    assert idx.null_count == 0, "edge endpoint missing from the key table"
-                    edges = edges.append_column(f"_p_{end}", reps["_sig"].take(idx))
-                edges = _VerifyFn(cfg)(edges)
-            assert cfg.verify != "jaccard", "jaccard verification needs the texts: distributed path"
-            if edges.num_rows:
-                roots = components_local(edges)
-        cols = ["id", "_rep"] + (["source"] if self.source else [])
-        return _resolve_tables(marked.select(cols), roots)
+def _local_candidates(cfg: DedupConfig, id_column: str, source: bool, *pieces: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """First task of the one-task path (``DedupConfig.local_max_docs`` bounds the key table): exact
+    representatives, LSH buckets and star edges over the whole key table -> ((id, _rep[, source]) of
+    every document, candidate edges). The same per-partition functions the distributed path runs after
+    each shuffle, so both paths give identical results; saves ~5 hash shuffles (each costs seconds of
+    scheduling however small the table)."""
+    keys = _concat(pieces)
+    if pc.count_distinct(keys["id"]).as_py() != keys.num_rows:
+        counts = pc.value_counts(keys["id"])
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
+        raise ValueError(f"deduplicate: id column {id_column!r} is not unique (e.g. {dup}); "
+                         "give every document its own id")
+    marked = _mark_exact(keys) if cfg.exact else _no_exact(keys)
+    id_type = keys.schema.field("id").type
+    edges = pa.table({"src": pa.array([], id_type), "dst": pa.array([], id_type)})
+    if cfg.near:
+        is_rep = pc.equal(marked["id"], marked["_rep"])
+        edges = _star_edges(_Explode(cfg.band_rows()[0])(marked.select(["id", "_ok", "_bands"]).filter(is_rep)))
+    return marked.select(["id", "_rep"] + (["source"] if source else [])), edges
+
+
+def _local_finish(cfg: DedupConfig, docs: pa.Table, edges: pa.Table, *sig_pieces: pa.Table) -> pa.Table:
+    """Second task of the one-task path: MinHash verification of the candidate edges (``sig_pieces``:
+    the ends' signatures, :class:`_EndSigs`), components, dup_of resolution -> removed rows."""
+    assert cfg.verify != "jaccard", "jaccard verification needs the texts: distributed path"
+    id_type = docs.schema.field("id").type
+    roots = pa.table({"id": pa.array([], id_type), "_root": pa.array([], id_type)})
+    if edges.num_rows and cfg.verify == "minhash":
+        sigs = _concat(sig_pieces)
+        ids = sigs["id"].combine_chunks()
+        for end in ("src", "dst"):
+            idx = pc.index_in(edges[end], value_set=ids)
+            assert idx.null_count == 0, "edge endpoint missing from the key table"
+            edges = edges.append_column(f"_p_{end}", sigs["_sig"].take(idx))
+        edges = _VerifyFn(cfg)(edges)
+    if edges.num_rows:
+        roots = components_local(edges)
+    return _resolve_tables(docs, roots)
 
 
 def _resolve(block: pa.Table) -> pa.Table:
@@ -353,6 +398,21 @@ def _schema(ds) -> pa.Schema:
     return s.base_schema if hasattr(s, "base_schema") else s
 
 
+def _overlapping_ids(chunks: list, col: pa.ChunkedArray | pa.Array) -> pa.Array | None:
+    """The ids of the range chunks ``[(lo, hi, ref)]`` that overlap the [min, max] of ``col`` (None: no
+    overlap or nothing in them). A block of the pipeline's (file, offset) keys spans one narrow range,
+    so it fetches one or two chunks whatever the corpus size."""
+    import ray
+
+    if not len(col) or not chunks:
+        return None
+    mm = pc.min_max(col)
+    lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    refs = [r for a, b, r in chunks if a <= hi and b >= lo]
+    got = [t["id"] for t in ray.get(refs) if t.num_rows]
+    return pa.chunked_array(got).combine_chunks() if got else None
+
+
 class _DropIds:
     """kept = corpus minus the removed ids: a range-partitioned broadcast anti-join. ``chunks`` are
     (lo, hi, ref) of sorted removed-id tables with disjoint ranges; a block fetches only the chunks
@@ -362,24 +422,45 @@ class _DropIds:
         self.chunks, self.id, self.names = chunks, id_column, names
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        import ray
-
-        if block.num_rows and self.chunks:
-            mm = pc.min_max(block[self.id])
-            lo, hi = mm["min"].as_py(), mm["max"].as_py()
-            refs = [r for a, b, r in self.chunks if a <= hi and b >= lo]
-            drop = [t["id"] for t in ray.get(refs) if t.num_rows]
-            if drop:
-                ids = pa.chunked_array(drop).combine_chunks()
-                block = block.filter(pc.invert(pc.is_in(block[self.id], value_set=ids)))
+        drop = _overlapping_ids(self.chunks, block[self.id])
+        if drop is not None:
+            block = block.filter(pc.invert(pc.is_in(block[self.id], value_set=drop)))
         return block.select(self.names)
+
+
+class _RepBands:
+    """Map side of the bucket shuffle, straight over the key table: drops the exact duplicates (the
+    range chunks of non-representative ids, fetched per block like :class:`_DropIds`) and explodes
+    the representatives' band hashes to (bucket, id) rows. The key table is never copied for this."""
+
+    def __init__(self, chunks: list, bands: int):
+        self.chunks, self.explode = chunks, _Explode(bands)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        block = block.select(["id", "_ok", "_bands"])
+        drop = _overlapping_ids(self.chunks, block["id"])
+        if drop is not None:
+            block = block.filter(pc.invert(pc.is_in(block["id"], value_set=drop)))
+        return self.explode(block)
+
+
+def _non_rep_ids(t: pa.Table) -> pa.Table:
+    return t.filter(pc.not_equal(t["id"], t["_rep"])).select(["id"])
+
+
+def _end_ids(t: pa.Table) -> pa.Table:
+    return pa.table({"id": pc.unique(pa.concat_arrays([t["src"].combine_chunks(), t["dst"].combine_chunks()]))})
+
+
+def _id_chunks(ids: Blocks, rows: int) -> list:
+    """Range-partition the ids of ``ids`` (an ``id`` column) into sorted chunks: [(lo, hi, ref)]."""
+    chunks, ranges = ids.range_shuffle("id", rows)
+    return [(r[0], r[1], ref) for r, ref in zip(ranges, chunks.refs) if r is not None]
 
 
 def _drop_index(removed: Blocks, rows: int) -> list:
     """Range-partition the removed ids into sorted chunks: [(lo, hi, ref)]."""
-    ids = removed.map(lambda t: t.select(["id"]))
-    chunks, ranges = ids.range_shuffle("id", rows)
-    return [(r[0], r[1], ref) for r, ref in zip(ranges, chunks.refs) if r is not None]
+    return _id_chunks(removed.map(lambda t: t.select(["id"])), rows)
 
 
 def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = "text",
@@ -412,11 +493,17 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
         zero_copy_batch=True).materialize()
     n_docs = keys.count()  # metadata of a materialised dataset: free
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # partitions of ~64 MB of key table
-    parts = cfg.num_partitions or max(cpus, math.ceil(keys.size_bytes() / (64 << 20)))
+    key_bytes = keys.size_bytes()
+
+    def parts_for(nbytes: float) -> int:
+        # partitions of each shuffle sized by the bytes IT moves (~64 MB per partition bounds a reduce
+        # task's heap: the pieces plus a sort copy), not one count for all: the exact shuffle moves
+        # ~30 B/doc, the bucket shuffle 16 B per band, the key table itself ~620 B/doc
+        return cfg.num_partitions or max(cpus, math.ceil(nbytes / (64 << 20)))
+
     t_keys = time.perf_counter() - t0
-    log.info("dedup: keys for %d docs in %.1f s (%.0f docs/s); %d partitions",
-             n_docs, t_keys, n_docs / max(t_keys, 1e-9), parts)
+    log.info("dedup: keys for %d docs (%.0f MB) in %.1f s (%.0f docs/s)",
+             n_docs, key_bytes / 2**20, t_keys, n_docs / max(t_keys, 1e-9))
     id_type = schema.field(id_column).type  # not the key table's: it has none when no document is left
     if n_docs == 0:
         empty = {"id": pa.array([], id_type)}
@@ -427,15 +514,22 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
 
     K = Blocks(keys.to_arrow_refs())
     if n_docs <= cfg.local_max_docs and not (cfg.near and cfg.verify == "jaccard"):
-        # 2-6 in one task: no shuffle at all
-        removed = K.gather(_LocalDedup(cfg, id_column, bool(source)))
+        # 2-6 in two tasks (around the signatures of the candidates' ends): no shuffle at all
+        docs_ref, edges_ref = ray.remote(_local_candidates).options(num_returns=2).remote(
+            cfg, id_column, bool(source), *K.refs)
+        K = keys = None  # the key table is freed once the task ran
+        sig_refs = []
+        if cfg.near and cfg.verify == "minhash" and Blocks([edges_ref]).count():
+            ends = _id_chunks(Blocks([edges_ref]).map(_end_ids), cfg.drop_chunk_rows)
+            sig_refs = _end_signatures(ds, cfg, ends, text_column, id_column).refs
+        removed = Blocks([ray.remote(_local_finish).remote(cfg, docs_ref, edges_ref, *sig_refs)])
         log.info("dedup: one-task path over %d docs", n_docs)
     else:
         # handed over in a list and dropped here (with the materialised dataset), so the key table
         # is freed once its first shuffle read it
         box, K, keys = [K], None, None
-        removed = _distributed(ds, box, cfg, parts, id_type, bool(source), text_column, id_column,
-                               schema.field(text_column).type)
+        removed = _distributed(ds, box, cfg, parts_for, n_docs, key_bytes, id_type, bool(source), text_column,
+                               id_column, schema.field(text_column).type)
     removed_ds = removed.to_dataset()
     n_removed = removed.count()
     log.info("dedup: %d of %d docs removed in %.1f s", n_removed, n_docs, time.perf_counter() - t0)
@@ -445,67 +539,77 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     return kept, removed_ds
 
 
-def _distributed(ds, key_table: list, cfg: DedupConfig, parts: int, id_type: pa.DataType, source: bool,
-                 text_column: str, id_column: str, text_type: pa.DataType) -> Blocks:
-    """Steps 2-6 as shuffles of the key table (see the module docstring). ``key_table`` is a
-    one-element list holding the key table's Blocks, popped here: every table (~0.6 KB per document
-    with its MinHash signature) is dropped as soon as the tasks that read it are submitted, so Ray
-    frees it once they ran, and at most ~two copies of the signatures hold object store at a time
-    (four did: key table, exact-marked table, representatives, verification table)."""
+def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, n_docs: int, key_bytes: int,
+                 id_type: pa.DataType, source: bool, text_column: str, id_column: str,
+                 text_type: pa.DataType) -> Blocks:
+    """Steps 2-6 as shuffles (see the module docstring). ``key_table`` is a one-element list holding the
+    key table's Blocks (~130 B/doc: id, source, 128-bit hash, band hashes; no signatures), popped here.
+    The key table is held ONCE, in the input's block order, and never shuffled whole: the exact
+    shuffle moves only (id, hash, source); the bucket shuffle's map tasks read the band hashes straight
+    from it, dropping the exact duplicates by a range-chunked anti-join; verification recomputes the
+    signatures of the candidate pairs' ends only (:class:`_EndSigs`). It is released once those map
+    tasks are submitted. (Carrying 512 B/doc of signatures through the exact shuffle, the
+    representatives and twice through the joins held 2-3 copies of ~620 B/doc at a time: 2 GB of
+    object store and 4.7 GB spilled at 1.4M documents.)"""
     red = cfg.reducers
     K = key_table.pop()
+    per_id = 8 if pa.types.is_integer(id_type) else 32  # bytes per id (strings: a guess for the estimate)
+    src_b = 24 if source else 0  # a short source name plus its offset
 
-    def shuffle(b: Blocks, key: str, fn, pre=None) -> Blocks:
-        return b.shuffle(key, parts, fn, reducers=red, pre=pre)
+    def shuffle(b: Blocks, key: str, fn, nbytes: float, pre=None) -> Blocks:
+        return b.shuffle(key, parts_for(nbytes), fn, reducers=red, pre=pre)
 
-    # 2. exact
-    marked = shuffle(K, "_xk0", _mark_exact) if cfg.exact else K.map(_no_exact)
-    del K
     m_schema = pa.schema([("id", id_type), ("_rep", id_type)] + ([("source", pa.string())] if source else []))
     cols = ["id", "_rep"] + (["source"] if source else [])
-    # what step 6 needs of the marked table: no signatures, no bands
-    docs_cols = marked.map(lambda t: t.select(cols))
+
+    # 2. exact: only id, the 128-bit hash and source travel -> (id, _rep[, source]) for every document
+    if cfg.exact:
+        xcols = ["id", "_xk0", "_xk1"] + (["source"] if source else [])
+        docs_cols = shuffle(K, "_xk0", lambda t: _mark_exact(t).select(cols), n_docs * (per_id + 16 + src_b),
+                            pre=lambda t: t.select(xcols))
+    else:
+        docs_cols = K.map(lambda t: _no_exact(t.select(["id"] + (["source"] if source else []))).select(cols))
 
     # 3-5. near: LSH buckets -> candidate edges -> verified -> connected components
     roots = None
     if cfg.near:
         b, _ = cfg.band_rows()
-        reps = marked.map(_is_rep)
-        del marked
-        explode = _Explode(b)
-        edges = shuffle(reps, "_bucket", _star_edges, pre=lambda t: explode(t.select(["id", "_ok", "_bands"])))
-        sigs = reps.map(lambda t: t.select(["id", "_sig"])) if cfg.verify == "minhash" else None
-        del reps
+        nonrep = _id_chunks(docs_cols.map(_non_rep_ids), cfg.drop_chunk_rows) if cfg.exact else []
+        edges = shuffle(K, "_bucket", _star_edges, n_docs * b * (8 + per_id), pre=_RepBands(nonrep, b))
+        K = None  # every task that reads the key table is submitted: Ray frees it once they ran
         n_candidates = edges.count()
         if cfg.verify != "none" and n_candidates:
             if cfg.verify == "minhash":
-                table = sigs
+                ends = _id_chunks(edges.map(_end_ids), cfg.drop_chunk_rows)
+                table = _end_signatures(ds, cfg, ends, text_column, id_column)
                 payload, payload_type = "_sig", pa.list_(pa.uint32(), cfg.num_perm)
+                join_bytes = n_candidates * (3 * per_id + 2 * 4 * cfg.num_perm)
             else:
                 sel = ds.select_columns([id_column, text_column])
                 if id_column != "id":
                     sel = sel.rename_columns({id_column: "id"})
                 table = Blocks.from_dataset(sel)
                 payload, payload_type = text_column, text_type
+                join_bytes = max(key_bytes, n_candidates * (3 * per_id + 2 * 4 * cfg.num_perm))
             table = table.map(_with(_K, lambda t: t["id"]))
             t_schema = pa.schema([("id", id_type), (payload, payload_type), (_K, id_type)])
             e_schema = pa.schema([("src", id_type), ("dst", id_type), (_K, id_type)])
             for end in ("src", "dst"):
                 e = edges.map(_with(_K, lambda t, end=end: t[end]))
                 edges = shuffle(e.union(table), _K, _attach_fn(end, payload, f"_p_{end}", id_type, payload_type),
-                                pre=_unified(e_schema, t_schema))
+                                join_bytes, pre=_unified(e_schema, t_schema))
                 e_schema = pa.schema([("src", id_type), ("dst", id_type)]
                                      + ([pa.field("_p_src", payload_type)] if end == "src" else [])
                                      + [pa.field(_K, id_type)])
             edges = edges.map(_VerifyFn(cfg))
             del table
-        sigs = None
         if n_candidates == 0:
             roots = None
         elif n_candidates <= cfg.cc_local_max_edges:
             roots = edges.gather(components_local)
         else:
-            roots = _components_distributed(edges, parts, red)
+            roots = _components_distributed(edges, parts_for(n_candidates * 4 * per_id), red)
+    K = None
 
     # 6. resolve dup_of to the surviving id
     if roots is None:
@@ -514,7 +618,7 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts: int, id_type: pa.
     rts = roots.map(_with(_K, lambda t: t["id"]))
     d_schema = pa.schema([m_schema.field(c) for c in cols] + [pa.field(_K, id_type)])
     r_schema = pa.schema([("id", id_type), ("_root", id_type), (_K, id_type)])
-    return shuffle(docs.union(rts), _K, _resolve, pre=_unified(d_schema, r_schema))
+    return shuffle(docs.union(rts), _K, _resolve, n_docs * (3 * per_id + src_b), pre=_unified(d_schema, r_schema))
 
 
 def _components_distributed(edges: Blocks, parts: int, reducers: int = 0, max_rounds: int = 100) -> Blocks:
