@@ -45,7 +45,7 @@ Every shuffle of steps 2-6 is :class:`polyko.data.shuffle.Blocks` (Ray core task
 object store, spilled to disk when it is full): a key group can never be split across reduce calls,
 whatever the block sizes -- ``tests/test_dedup.py`` forces many small blocks per partition and several
 partitions per reduce block and gets exactly the single-process reference. Each shuffle's partition
-count follows the bytes it moves (~64 MB per partition), so a reduce task's heap is bounded.
+count follows the bytes it moves (~16 MB per partition), so a reduce task's heap is bounded.
 
 Small corpora (up to ``local_max_docs`` documents, default 500k, i.e. a key table of ~65 MB) skip
 every shuffle: steps 2-3 run as ONE Ray task over the (materialised, text-free) key table and 4-6 as a
@@ -496,10 +496,10 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     key_bytes = keys.size_bytes()
 
     def parts_for(nbytes: float) -> int:
-        # partitions of each shuffle sized by the bytes IT moves (~64 MB per partition bounds a reduce
+        # partitions of each shuffle sized by the bytes IT moves (~16 MB per partition bounds a reduce
         # task's heap: the pieces plus a sort copy), not one count for all: the exact shuffle moves
-        # ~30 B/doc, the bucket shuffle 16 B per band, the key table itself ~620 B/doc
-        return cfg.num_partitions or max(cpus, math.ceil(nbytes / (64 << 20)))
+        # ~30 B/doc, the bucket shuffle 16 B per band, the key table itself ~120 B/doc (no signatures)
+        return cfg.num_partitions or max(cpus, math.ceil(nbytes / (16 << 20)))
 
     t_keys = time.perf_counter() - t0
     log.info("dedup: keys for %d docs (%.0f MB) in %.1f s (%.0f docs/s)",
