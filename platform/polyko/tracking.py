@@ -123,13 +123,20 @@ def write_marker(out_dir: str | os.PathLike, stage: str, run_id: str, parents: d
     tmp.replace(out / RUN_MARKER)
 
 
-def log_params(params: dict[str, Any]) -> None:
+def log_params(params: dict[str, Any], *, client: Any = None, run_id: str | None = None) -> None:
+    """Log ``params`` (names sanitised, values cut to MLflow's limit) to the active run, or with ``client``
+    (an ``MlflowClient``) to ``run_id`` without making it the active run."""
     import mlflow
 
     clean = {metric_name(k): (str(v)[:_MAX_PARAM_LEN] if v is not None else "None") for k, v in params.items()}
     items = list(clean.items())
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        mlflow.log_params(dict(items[i:i + 100]))
+        if client is None:
+            mlflow.log_params(dict(items[i:i + 100]))
+        else:
+            from mlflow.entities import Param
+
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
 
 
 @contextlib.contextmanager

@@ -329,7 +329,6 @@ def _child_run(plan: _Plan, out: Path, trial_id: str, cfg: PretrainConfig, clien
     """The trial's MLflow child run (params = ``cfg`` flattened): created once, found again (``polyko_run.json``
     in the trial dir) on a restart. The sweep's driver creates it when Tune starts the trial (before the trial
     function runs), with the MLflow client it already has; the trial actor then only reads the marker."""
-    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = client or MlflowClient(tracking_uri=plan.tracking_uri)
@@ -342,10 +341,7 @@ def _child_run(plan: _Plan, out: Path, trial_id: str, cfg: PretrainConfig, clien
             "polyko.sweep": plan.name, "polyko.config_hash": config_hash(cfg), "polyko.output": str(out),
             "polyko.trial_status": "running", **{f"polyko.parent.{s}": r for s, r in plan.parents.items()}}
     run = client.create_run(plan.experiment_id, run_name=f"{plan.name}-{trial_id}", tags=tags)
-    params = [Param(tracking.metric_name(k), str(v)[:tracking._MAX_PARAM_LEN] if v is not None else "None")
-              for k, v in flatten(cfg).items()]
-    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    tracking.log_params(flatten(cfg), client=client, run_id=run.info.run_id)
     tracking.write_marker(out, STAGE, run.info.run_id, {**plan.parents, "sweep": plan.parent_run_id}, config_hash(cfg))
     return run.info.run_id
 
