@@ -10,20 +10,23 @@ Both sweeps run in this process on the same private Ray cluster over the same 16
   between the loss at each ASHA rung (what ASHA decides on) and the final loss; ``rung_decisions_agree``:
   share of ASHA's stop/continue decisions that the final ranking confirms (a pruned trial is not in the
   exhaustive top third, a promoted one is in the top half);
-* ``overhead_per_trial``: CPU time of a one-trial sweep (Tune + Train + MLflow parent/child runs) over a bare
-  ``pretrain`` call of the same config on the same cluster, minus 1 (goal <= 0.10): CPU seconds of this
+* ``overhead_per_trial``: CPU time per trial of a FIFO sweep of ``--overhead-trials`` identical trials, one
+  at a time (Tune + Train + MLflow parent/child runs), over the CPU time per run of as many bare
+  ``pretrain`` calls of the same config on the same cluster, minus 1 (goal <= 0.10): CPU seconds of this
   process and every process under it (the private Ray cluster, its workers, actors and Train controllers),
-  which other load on a shared machine hardly changes, where it can stretch wall time by 2x.
-  ``overhead_wall`` is the same in wall time. Each is the least of ``--repeats`` runs, taken alternately
+  which other load on a shared machine hardly changes, where it can stretch wall time by 2x. A sweep's
+  fixed costs (its parent run, Tune's controller) are spread over its trials, as in a real sweep; the
+  trials share one trial actor (``overhead_trial_actors_per_sweep``: actor processes each sweep started).
+  ``overhead_wall`` is the same in wall time. Each is the least of ``--repeats`` groups, taken alternately
   (sweep, bare, bare, sweep, ...) so that a change of load over the benchmark weighs on both alike; the
   medians of the per-pair ratios are printed beside them.
 
 ASHA is the sweep's default (``polyko.sweep.asha.RecheckedASHA``); ``--ray-asha`` adds a third sweep with
 Ray's plain ``ASHAScheduler`` (``scheduler.recheck=false``) over the same configurations, for comparison.
 
-    python benchmarks/sweep.py [--steps 27] [--repeats 3] [--ray-asha]
+    python benchmarks/sweep.py [--steps 27] [--repeats 2] [--overhead-trials 4] [--ray-asha]
 
-Prints one JSON line. On 2 CPU cores: about 15 minutes (5 more with ``--ray-asha``).
+Prints one JSON line. On 2 CPU cores: about 25 minutes (5 more with ``--ray-asha``).
 """
 
 from __future__ import annotations
@@ -155,7 +158,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=27, help="steps of a full trial (rungs at steps/9 and steps/3)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of the one-trial sweep and of the bare pretrain")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="overhead: sweeps of --overhead-trials trials, and as many groups of bare pretrain runs")
+    p.add_argument("--overhead-trials", type=int, default=4, help="overhead: identical trials per sweep")
     p.add_argument("--ray-asha", action="store_true", help="also run Ray's plain ASHA (no re-checks)")
     p.add_argument("--overhead-only", action="store_true",
                    help="only the per-trial overhead (no 16-configuration sweeps): a few minutes")
@@ -192,43 +197,56 @@ def main(argv=None) -> int:
         return cfg
 
     def overhead() -> dict:
-        # Overhead of one trial under Tune + Train against a bare pretrain() of the same resolved config (both
-        # checkpoint once, at the end). Alternating order: sweep, bare, bare, sweep, sweep, bare, ...
+        # Per-trial overhead of Tune + Train: a FIFO sweep of N trials of one config, one at a time (as a bare
+        # run has the cluster to itself), against N bare pretrain() calls of the same resolved config (both
+        # checkpoint once, at the end), per run. Alternating order: sweep, bare, bare, sweep, sweep, bare, ...
+        n = a.overhead_trials
         t_trial, t_bare, c_trial, c_bare = [], [], [], []
         split: dict[str, list[dict]] = {"trial": [], "bare": []}  # CPU s per process title, per run
+        actors: list[int] = []  # trial actor processes each sweep started (1: reused for every trial)
         cpu = TreeCPU()
         stamp = int(time.time())  # fresh runs even in a reused --workdir (a rerun would only restore them)
 
-        def measure(kind: str, run, walls: list, cpus: list) -> None:
+        def measure(kind: str, run, walls: list, cpus: list) -> dict:
             t0, c0 = time.time(), cpu.snapshot()
             run()
-            walls.append(time.time() - t0)
+            walls.append((time.time() - t0) / n)
             c1 = cpu.snapshot()
-            cpus.append(cpu.used(c0, c1))
+            cpus.append(cpu.used(c0, c1) / n)
             split[kind].append(cpu.by_title(c0, c1))
+            return c1
 
-        def one_trial(i: int) -> None:
-            one = config("fifo", f"one-{stamp}-{i}", ["optim.lr=grid:1e-3"])
-            one.base.checkpoint.every_steps = one.base.steps
-            measure("trial", lambda: sweep(one), t_trial, c_trial)
+        def trial_sweep(i: int) -> None:
+            many = config("fifo", f"sweep-{stamp}-{i}", ["optim.lr=grid:1e-3"])
+            many.trials, many.max_concurrent = n, 1  # N identical trials
+            many.base.checkpoint.every_steps = many.base.steps
+            before = set(cpu.snapshot())
+            after = measure("trial", lambda: sweep(many), t_trial, c_trial)
+            with cpu.lock:
+                titles = dict(cpu.title)
+            actors.append(sum(titles.get(k) == "ray::ImplicitFunc" for k in set(after) - before))
 
-        def bare_run(i: int) -> None:
+        def bare_runs(i: int) -> None:
             one = config("fifo", f"bare-{stamp}-{i}", [])
             b = one.base
-            bare = replace(b, optim=replace(b.optim, lr=1e-3), output=str(tmp / f"bare-{stamp}-{i}"), export=False,
-                           checkpoint=replace(b.checkpoint, every_steps=b.steps, keep=1),
-                           fault=replace(b.fault, max_failures=0))
-            measure("bare", lambda: pretrain(bare), t_bare, c_bare)
+
+            def runs() -> None:
+                for j in range(n):
+                    pretrain(replace(b, optim=replace(b.optim, lr=1e-3), output=str(tmp / f"bare-{stamp}-{i}-{j}"),
+                                     export=False, checkpoint=replace(b.checkpoint, every_steps=b.steps, keep=1),
+                                     fault=replace(b.fault, max_failures=0)))
+            measure("bare", runs, t_bare, c_bare)
 
         for i in range(a.repeats):
-            for run in ((one_trial, bare_run) if i % 2 == 0 else (bare_run, one_trial)):
+            for run in ((trial_sweep, bare_runs) if i % 2 == 0 else (bare_runs, trial_sweep)):
                 run(i)
         pair_ratio = [t / b - 1 for t, b in zip(t_trial, t_bare)]
         # Where the CPU goes, for the least run of each kind (one line each, before the JSON line).
         for kind, cs in (("trial", c_trial), ("bare", c_bare)):
-            print(f"[bench] cpu by process, {kind} ({min(cs):.1f} s): "
+            print(f"[bench] cpu by process over {n} runs, {kind} ({min(cs):.1f} s per run): "
                   f"{json.dumps(split[kind][cs.index(min(cs))])}", flush=True)
         return {
+            "overhead_trials_per_sweep": n, "overhead_trial_actors_per_sweep": actors,
             "overhead_per_trial": round(min(c_trial) / min(c_bare) - 1, 3),
             "overhead_cpu_median_of_pairs": round(float(np.median([t / b - 1 for t, b in zip(c_trial, c_bare)])), 3),
             "trial_cpu_s": [round(t, 1) for t in c_trial], "bare_pretrain_cpu_s": [round(t, 1) for t in c_bare],

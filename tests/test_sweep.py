@@ -17,7 +17,7 @@ import pytest
 
 from polyko.config import to_dict
 from polyko.sweep import SweepConfig, apply_values, default_config, load_config_file, load_sweep_file, parse_search
-from polyko.sweep.tune import FINAL_FILE, best_config, rungs, sweep, validate
+from polyko.sweep.tune import FAILURE_FILE, FINAL_FILE, best_config, rungs, sweep, validate
 from polyko.train.config import PretrainConfig, lr_at
 
 from train_helpers import make_tokens
@@ -106,6 +106,19 @@ def test_bad_sweeps_fail_before_any_trial_starts(tmp_path, work_dir, tokens_dir,
         sweep(cfg)
     # Nothing was started or written: no sweep dir, no MLflow store.
     assert not out.exists() and not (work_dir / "mlflow.db").exists()
+
+
+def test_await_decision_goes_on_stops_or_times_out(tmp_path):
+    from polyko.train.loop import await_decision
+
+    f = tmp_path / "decision.json"
+    assert await_decision(f, 3, timeout_s=0.1) == "timeout"  # no decision yet: train on
+    f.write_text(json.dumps({"step": 2, "stop": True}))
+    assert await_decision(f, 3, timeout_s=0.1) == "timeout"  # a decision on an earlier report does not count
+    f.write_text(json.dumps({"step": 3, "stop": False}))
+    assert await_decision(f, 3) == "go"
+    f.write_text(json.dumps({"step": 3, "stop": True}))
+    assert await_decision(f, 3) == "stop"
 
 
 def test_trial_failures_are_classified():
@@ -232,6 +245,12 @@ def test_asha_sweep_prunes_completes_and_records_a_diverged_trial(tmp_path, toke
             assert t.steps < 6
     assert r.steps_used < 6 * len(lrs)
     assert r.best is not None and r.best.values["optim.lr"] in (3e-3, 1e-2)
+    # A pruned trial's workers end their loop at the report ASHA stopped it on (no failure recorded), so its
+    # Tune actor is handed to a later trial: fewer actor processes (Tune's `pid` per result) than trials.
+    assert not any((r.output / "trials" / t.trial_id / FAILURE_FILE).exists() for t in r.trials if t.status != "failed")
+    pids = {t.trial_id: {json.loads(x)["pid"] for x in (r.output / "tune" / t.trial_id / "result.json")
+                         .read_text().splitlines()} for t in r.trials if t.status != "failed"}
+    assert len(set().union(*pids.values())) < len(pids), pids
 
     # best.json: a full pretraining config with the winner and none of the sweep's bookkeeping,
     # which another size can start from.

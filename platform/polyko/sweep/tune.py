@@ -14,6 +14,9 @@ so ASHA sees a loss exactly at each rung.
   losses rank them differently from its final ones (rungs that fall in the decay phase are warned about).
 * **Resources**: a trial driver needs no CPU (``{"CPU": 0}``): it only waits on its workers, so drivers never
   hold the CPUs their own workers need; ``max_concurrent_trials`` = how many trials' workers fit the cluster.
+  Trial actors are reused (``TuneConfig.reuse_actors``): a trial that ends -- completed, or stopped by ASHA,
+  whose workers then end their loop at the report it was stopped on -- hands its actor, with Ray Train and
+  torch already imported, to the next trial.
 * **Failures are data**: a non-finite loss (divergence), an out-of-memory error, a config that does not
   resolve or any other trial error marks that trial ``failed`` with its reason (``trials/<id>/failure.json``,
   MLflow tag ``polyko.failure``) and the sweep goes on. Trials restart nothing by default
@@ -54,11 +57,20 @@ from polyko.train.config import PretrainConfig, lr_at
 STAGE = "sweep"                     # MLflow experiment polyko-sweep
 FAILURE_FILE = "failure.json"       # trials/<id>/: why a trial failed
 FINAL_FILE = "final.json"           # trials/<id>/: a finished trial's last metrics (never retrained)
-# trials/<id>/: {"step": n} once the scheduler let the trial go on past its report of step n. Under ASHA the
-# trial's workers wait for it after each report (polyko.train.loop.await_decision), so a trial ASHA stops
-# trains no step past the report it was judged on: without the wait, it trains on for the ~1-3 s a report
-# takes to reach Tune (Ray Train's 2 s worker poll, then Tune's loop) and the kill takes to come back.
+# trials/<id>/: {"step": n, "stop": bool} once the scheduler decided on the trial's report of step n. Under
+# ASHA the trial's workers wait for it after each report (polyko.train.loop.await_decision), so a trial ASHA
+# stops trains no step past the report it was judged on (without the wait it trains on for the ~1-3 s a report
+# takes to reach Tune -- Ray Train's 2 s worker poll, then Tune's loop); on "stop" its loop ends and fit()
+# returns, so Tune can hand the trial's actor to the next trial instead of killing it.
 DECISION_FILE = "decision.json"
+# Tune reuses a trial actor for the next trial (TuneConfig.reuse_actors) only if the previous trial's function
+# has returned within TUNE_FUNCTION_THREAD_TIMEOUT_S (Ray's default: 2 s) of Tune resetting the actor; a failed
+# reset errors the NEW trial (Ray 2.60 TuneController._on_trial_reset). A stopped trial's fit() returns once
+# Ray Train's controller has seen its workers end and torn their group down: seconds, more on a loaded node.
+REUSE_WAIT_S = 60
+# A reused actor saves the next trial a process start and the imports of Ray Train's torch integration and of
+# torch (~5 CPU-s on a 2-core node, per trial; benchmarks/sweep.py).
+REUSE_ACTORS = True
 # A trial driver only waits on its Train workers: it takes no CPU (a CPU per driver would leave a 2-CPU node
 # with one trial's worker and a blocked driver). Tune refuses an empty bundle, so it asks for 1 byte of memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
@@ -367,6 +379,8 @@ def run_trial(values: dict[str, Any], plan: _Plan) -> None:
     from polyko.train.loop import train_loop
     from polyko.train.trainer import preflight
 
+    # Read by Tune in this process when it resets this actor for the next trial (see REUSE_WAIT_S).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
     trial_id = tune.get_context().get_trial_id()
     out = Path(plan.output) / "trials" / trial_id
     out.mkdir(parents=True, exist_ok=True)
@@ -414,8 +428,15 @@ def run_trial(values: dict[str, Any], plan: _Plan) -> None:
             return
         kind, msg = classify_failure(e)
         _fail(out, kind, msg)
-    if not final.is_file():  # the run ended before its last step without an error: the loop's guard stopped it
-        _fail(out, "diverged", guard_stop_reason(out) or "training ended before its last step")
+    if final.is_file() or stopped_by_scheduler(out):  # finished, or the scheduler stopped it (pruned)
+        return
+    # The run ended before its last step without an error: the loop's guard stopped it.
+    _fail(out, "diverged", guard_stop_reason(out) or "training ended before its last step")
+
+
+def stopped_by_scheduler(out: Path) -> bool:
+    """Whether the sweep's scheduler stopped the trial in ``out`` at a report (its decision file says so)."""
+    return bool((_read_json(out / DECISION_FILE) or {}).get("stop"))
 
 
 def guard_stop_reason(out: Path) -> str | None:
@@ -490,6 +511,16 @@ def _make_callback(plan: _Plan, steps: int, keys: list[str], keep_checkpoints: b
 
         def __init__(self):
             self.last_print = self.last_release = 0.0
+            self._client = None
+
+        @property
+        def client(self) -> MlflowClient:  # one store connection for the whole sweep, made on first use
+            if self._client is None:
+                self._client = MlflowClient(tracking_uri=tracking_uri)
+            return self._client
+
+        def __getstate__(self):  # Tune pickles its callbacks with the sweep's state: not the connection
+            return {**self.__dict__, "_client": None}
 
         def on_trial_start(self, iteration, trials, trial, **info):
             # Here, not in the trial actor: Tune calls this before it runs the trial function, and this process
@@ -497,15 +528,13 @@ def _make_callback(plan: _Plan, steps: int, keys: list[str], keep_checkpoints: b
             if (out / "trials" / trial.trial_id / FINAL_FILE).is_file():
                 return  # finished before a restart: only re-reported
             cfg = _trial_run_config(plan, base, trial.trial_id, trial.config)
-            _child_run(plan, out / "trials" / trial.trial_id, trial.trial_id, cfg,
-                       client=MlflowClient(tracking_uri=tracking_uri))
+            _child_run(plan, out / "trials" / trial.trial_id, trial.trial_id, cfg, client=self.client)
 
         def _finish(self, trial, status: str, reason: dict | None = None) -> None:
             marker = _read_json(out / "trials" / trial.trial_id / tracking.RUN_MARKER)
             if not marker:
                 return
-            client = MlflowClient(tracking_uri=tracking_uri)
-            rid = marker["run_id"]
+            client, rid = self.client, marker["run_id"]
             client.set_tag(rid, "polyko.trial_status", status)
             if reason:
                 client.set_tag(rid, "polyko.failure", f"{reason['kind']}: {reason['message']}"[:5000])
@@ -523,11 +552,12 @@ def _make_callback(plan: _Plan, steps: int, keys: list[str], keep_checkpoints: b
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             # Tune calls this after its scheduler decided on the result, with done=True when it stops the
-            # trial: only a trial that goes on is let past its report (a stopped one is killed waiting).
-            if release and not result.get("done") and "step" in result:
+            # trial (or the trial reached its last step, where its workers do not wait): a trial that goes on
+            # is let past its report, a stopped one ends its loop there.
+            if release and "step" in result:
                 d = out / "trials" / trial.trial_id
                 tmp = d / (DECISION_FILE + ".tmp")
-                tmp.write_text(json.dumps({"step": int(result["step"])}))
+                tmp.write_text(json.dumps({"step": int(result["step"]), "stop": bool(result.get("done"))}))
                 tmp.replace(d / DECISION_FILE)
             if time.time() - self.last_print > 10:
                 self.last_print = time.time()
@@ -664,7 +694,7 @@ def sweep(cfg: SweepConfig, *, ray_address: str | None = None) -> SweepResult:
                 trainable, param_space=param_space(dims),
                 tune_config=tune.TuneConfig(
                     metric=cfg.metric, mode="min", scheduler=scheduler, num_samples=cfg.trials,
-                    trial_dirname_creator=_trial_dirname,
+                    trial_dirname_creator=_trial_dirname, reuse_actors=REUSE_ACTORS,
                     # (max_concurrent_trials is ignored with a generator: the limit goes here)
                     search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=k)),
                 run_config=tune.RunConfig(

@@ -265,7 +265,8 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
             progress.show(done, metrics, last_ckpt_step, guard)
         if reported and done < cfg.steps and loop_cfg.get("await_decision"):
             # A sweep's trial: no step past a report before the scheduler decided on it (after the step is logged)
-            await_decision(Path(loop_cfg["await_decision"]), done)
+            if await_decision(Path(loop_cfg["await_decision"]), done) == "stop":
+                break  # stopped at this report: the run ends here, as if its last step (no export, no error)
         step = done
     if stopped and rank == 0:
         print(f"[polyko] guard: {stopped}", flush=True)
@@ -281,25 +282,27 @@ def train_loop(loop_cfg: dict[str, Any], ctx: "RayContext | LocalContext | None"
 DECISION_TIMEOUT_S = 120.0
 
 
-def await_decision(path: Path, step: int, timeout_s: float = DECISION_TIMEOUT_S, poll_s: float = 0.05) -> bool:
+def await_decision(path: Path, step: int, timeout_s: float = DECISION_TIMEOUT_S, poll_s: float = 0.05) -> str:
     """Wait, before training past the report of ``step``, until whoever schedules this run has decided on that
-    report: ``path`` (JSON ``{"step": n}``) holds a step >= ``step`` once it lets the run go on; a run it stops
-    is killed while waiting here, so it trains no step beyond the report it was judged on (an ASHA sweep's
-    trial: ``polyko.sweep.tune``). Returns False after ``timeout_s`` without a decision. Costs one ``stat``
-    per ``poll_s`` while waiting."""
+    report: ``path`` (JSON ``{"step": n, "stop": bool}``) holds a step >= ``step`` once it has. Returns ``"go"``
+    (train on), ``"stop"`` (the scheduler stopped the run at this report: the caller ends its loop, so the run
+    trains no step beyond the report it was judged on and ends cleanly -- an ASHA sweep's trial, whose Tune
+    actor is then free for the next trial: ``polyko.sweep.tune``) or ``"timeout"`` after ``timeout_s`` without
+    a decision (train on). Costs one small read per ``poll_s`` while waiting."""
     import json
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if int(json.loads(path.read_text()).get("step", -1)) >= step:
-                return True
+            d = json.loads(path.read_text())
+            if int(d.get("step", -1)) >= step:
+                return "stop" if d.get("stop") else "go"
         except (OSError, ValueError):
             pass
         time.sleep(poll_s)
     print(f"[polyko] WARNING no decision on the report of step {step} after {timeout_s:.0f} s ({path}): "
           "training on", flush=True)
-    return False
+    return "timeout"
 
 
 def setup_distributed(cfg: PretrainConfig, local_rank: int):
