@@ -471,8 +471,9 @@ def _read_json(p: Path) -> dict[str, Any] | None:
 def release_orphaned_placement_groups() -> int:
     """Remove this job's placement groups whose creating actor is dead; returns how many.
 
-    When Tune stops a trial (ASHA prunes it, or it reached its last step) it kills the trial actor, and with it
-    the trial's Train controller, so the controller never removes its workers' placement group. Train V2 leaves
+    When Tune kills a trial actor (a trial it stops whose actor it does not reuse, a failed trial, the end of a
+    sweep), it kills the trial's Train controller with it, and the controller never removes its workers'
+    placement group. Train V2 leaves
     that to a detached ``PlacementGroupCleaner``, which finds the cluster through Ray's address discovery and
     fails on a host running more than one Ray cluster ("Found multiple active Ray instances"): the dead trial's
     CPUs/GPUs then stay reserved and the next trials wait forever. A placement group whose non-detached
