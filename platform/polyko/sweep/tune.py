@@ -358,11 +358,16 @@ def _child_run(plan: _Plan, out: Path, trial_id: str, cfg: PretrainConfig, clien
     return run.info.run_id
 
 
+def _plan_trial_config(plan: _Plan, base: PretrainConfig, trial_id: str, values: dict[str, Any]) -> PretrainConfig:
+    """The config trial ``trial_id`` of the sweep ``plan`` runs (not yet resolved)."""
+    return trial_config(base, values, output=Path(plan.output) / "trials" / trial_id,
+                        run_name=f"{plan.name}-{trial_id}", report_every=plan.report_every,
+                        max_failures=plan.max_failures)
+
+
 def _trial_run_config(plan: _Plan, base: PretrainConfig, trial_id: str, values: dict[str, Any]) -> PretrainConfig:
     """The config a trial runs (resolved), or as given when it does not resolve (recorded as ``bad_config``)."""
-    out = Path(plan.output) / "trials" / trial_id
-    cfg = trial_config(base, values, output=out, run_name=f"{plan.name}-{trial_id}",
-                       report_every=plan.report_every, max_failures=plan.max_failures)
+    cfg = _plan_trial_config(plan, base, trial_id, values)
     try:
         return cfg.resolved()
     except ValueError:
@@ -390,10 +395,8 @@ def run_trial(values: dict[str, Any], plan: _Plan) -> None:
         return
     # A restarted trial reports its steps again: the decisions on the earlier run's reports do not count.
     (out / DECISION_FILE).unlink(missing_ok=True)
-    base = from_dict(PretrainConfig, plan.base)
-    run_name = f"{plan.name}-{trial_id}"
-    cfg = trial_config(base, values, output=out, run_name=run_name, report_every=plan.report_every,
-                       max_failures=plan.max_failures)
+    cfg = _plan_trial_config(plan, from_dict(PretrainConfig, plan.base), trial_id, values)
+    run_name = cfg.run_name
     # The child run: made by the driver's callback as Tune started this trial (a trial run by another driver,
     # without it, makes its own).
     marker = _read_json(out / tracking.RUN_MARKER)
