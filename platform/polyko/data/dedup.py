@@ -77,7 +77,7 @@ from polyko.data.components import (components_local, encode as _encode, large_s
                                     np_col as _np, run_starts as _run_starts, small_star, small_star_in)
 from polyko.data.minhash import (MinHasher, exact_canonical, exact_key, jaccard, near_canonical,  # noqa: F401
                                  optimal_bands, shingles)
-from polyko.data.shuffle import Blocks
+from polyko.data.shuffle import Blocks, concat
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -293,20 +293,13 @@ class _VerifyFn:
         return block.select(["src", "dst"]).filter(pa.array(sim >= cfg.threshold))
 
 
-def _concat(pieces) -> pa.Table:
-    # blocks of one table can differ in schema details (an all-null column of a block typed null):
-    # the same permissive concatenation as the shuffle's reduce step
-    pieces = [p for p in pieces if p.num_rows] or [p for p in pieces if p.num_columns][:1] or list(pieces[:1])
-    return pa.concat_tables(pieces, promote_options="permissive") if len(pieces) > 1 else pieces[0]
-
-
 def _local_candidates(cfg: DedupConfig, id_column: str, source: bool, *pieces: pa.Table) -> tuple[pa.Table, pa.Table]:
     """First task of the one-task path (``DedupConfig.local_max_docs`` bounds the key table): exact
     representatives, LSH buckets and star edges over the whole key table -> ((id, _rep[, source]) of
     every document, candidate edges). The same per-partition functions the distributed path runs after
     each shuffle, so both paths give identical results; saves ~5 hash shuffles (each costs seconds of
     scheduling however small the table)."""
-    keys = _concat(pieces)
+    keys = concat(pieces)
     if pc.count_distinct(keys["id"]).as_py() != keys.num_rows:
         counts = pc.value_counts(keys["id"])
         dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"]
@@ -328,7 +321,7 @@ def _local_finish(cfg: DedupConfig, docs: pa.Table, edges: pa.Table, *sig_pieces
     id_type = docs.schema.field("id").type
     roots = pa.table({"id": pa.array([], id_type), "_root": pa.array([], id_type)})
     if edges.num_rows and cfg.verify == "minhash":
-        sigs = _concat(sig_pieces)
+        sigs = concat(sig_pieces)
         ids = sigs["id"].combine_chunks()
         for end in ("src", "dst"):
             idx = pc.index_in(edges[end], value_set=ids)
@@ -409,7 +402,18 @@ def _overlapping_ids(chunks: list, col: pa.ChunkedArray | pa.Array) -> pa.Array 
     mm = pc.min_max(col)
     lo, hi = mm["min"].as_py(), mm["max"].as_py()
     refs = [r for a, b, r in chunks if a <= hi and b >= lo]
-    got = [t["id"] for t in ray.get(refs) if t.num_rows]
+    # only the chunk ids inside the block's [lo, hi] can match: cut them out first (a vectorised
+    # range test, ~1 ms per 1M ids) so the hash set is_in builds holds a handful, not the chunk:
+    # while the whole corpus removes fewer than drop_chunk_rows ids, ONE chunk spans every key and
+    # each block built a 1M-entry set (0.1 CPU-s), so the joins grew with blocks x removed ids
+    # (quadratic: 25x the CPU from 10x to 50x of the shared corpus)
+    got = []
+    for t in ray.get(refs):
+        ids = t["id"]
+        if len(ids):
+            ids = ids.filter(pc.and_(pc.greater_equal(ids, mm["min"]), pc.less_equal(ids, mm["max"])))
+            if len(ids):
+                got.append(ids)
     return pa.chunked_array(got).combine_chunks() if got else None
 
 

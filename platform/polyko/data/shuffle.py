@@ -73,9 +73,17 @@ def _split_range(table: pa.Table, key: str, bounds: pa.Array, pre: Callable | No
     return out[0] if len(out) == 1 else tuple(out)
 
 
+def concat(pieces) -> pa.Table:
+    """One table of the pieces of a partition (or of a whole small table). The blocks of one table can
+    differ in schema details -- an all-null column of a block typed null -- so the concatenation is
+    permissive; a piece without columns (a block of a map that emitted nothing) is skipped."""
+    pieces = list(pieces)
+    with_cols = [p for p in pieces if p.num_columns] or pieces[:1]
+    return pa.concat_tables(with_cols, promote_options="permissive") if len(with_cols) > 1 else with_cols[0]
+
+
 def _reduce(fn: Callable | None, *pieces: pa.Table) -> pa.Table:
-    pieces = [p for p in pieces if p.num_columns]
-    t = pa.concat_tables(pieces, promote_options="permissive") if len(pieces) > 1 else pieces[0]
+    t = concat(pieces)
     return fn(t) if fn is not None else t
 
 
