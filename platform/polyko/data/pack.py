@@ -70,10 +70,16 @@ PACK_LAYOUT = 2
 _VAL_SALT = b"polyko-validation-v1"
 
 
+# the salted state, copied per key: 0.5 us instead of 1.2 us for a fresh salted blake2b (it runs
+# once per document in the driver's forced-holdout pre-pass and again in the pack actors)
+_VAL_BASE = hashlib.blake2b(digest_size=8, salt=_VAL_SALT[:16])
+
+
 def holdout_hash(key: Any) -> int:
     """The 64-bit hash that decides a document's split (BLAKE2b of its key's text, salted)."""
-    return int.from_bytes(hashlib.blake2b(str(key).encode("utf-8"), digest_size=8, salt=_VAL_SALT[:16]).digest(),
-                          "little")
+    h = _VAL_BASE.copy()
+    h.update(str(key).encode("utf-8"))
+    return int.from_bytes(h.digest(), "little")
 
 
 def holdout_threshold(share: float) -> int:
@@ -248,12 +254,20 @@ class ChunkPacker:
         if pool is None:
             yield from map(enc, batches)
             return
+        # a window of 2 x threads batches stays submitted while the caller packs the oldest one, so
+        # the encoder threads never wait for the (GIL-bound) packing in between; groups of `threads`
+        # submitted and drained together left them idle during it (pack wall ~2x its CPU time on
+        # 2 cores). Results still come back in batch order.
+        from collections import deque
+
         it = iter(batches)
-        while True:
-            group = list(itertools.islice(it, self.threads))
-            if not group:
-                return
-            yield from pool.map(enc, group)
+        window = deque(pool.submit(enc, b) for b in itertools.islice(it, 2 * self.threads))
+        while window:
+            done = window.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append(pool.submit(enc, nxt))
+            yield done
 
     def pack(self, index: int, chunk: list[tuple[str, list[int]]]) -> dict[str, Any]:
         if self.threads == 1:
