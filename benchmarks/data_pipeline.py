@@ -25,11 +25,20 @@ Figures (all measured in this process, on this machine, on the same text):
 * ``text_mb_s_per_core`` per scale: the input's TEXT bytes (UTF-8 of the ``text`` field; not JSON file
   bytes) / wall seconds of ``run_pipeline`` (read + clean + decontaminate-free + dedup [+ pack]) / CPUs of
   the Ray cluster; ``ratio_by_scale`` = that / the tokenizer's (goal >= 0.5 at 10x and 50x).
-* ``cpu_s`` per scale: CPU seconds (user + system) of the whole process tree during the run;
+* ``cpu_s`` per scale: CPU seconds (user + system) of the whole process tree during the run, minus
+  the benchmark's own sampler thread (``monitor_cpu_s``: it reads /proc of every process of the tree
+  4x a second, ~0.2 of a core with ~25 Ray processes -- the instrument, not the pipeline);
   ``cpu_ratio_by_scale`` = (text MB / cpu_s) / ``tokenizer_cpu_mb_s_per_core``, the same ratio on CPU
   time, which other jobs on the machine do not deflate (it still counts Ray's own idle polling, so a
   longer wall time raises it a little); ``core_utilisation`` = cpu_s / (wall x CPUs): how much of
   the cluster the run kept busy (wall ratio ~ cpu ratio x utilisation on a quiet machine).
+* ``cpu_breakdown_s`` per scale: those CPU seconds per process kind (as ``memory_breakdown_mb``), from
+  each process's user + system time (/proc/PID/stat) between samples, charged to what its title names
+  at the later sample (a worker that went ``ray::IDLE`` in between is charged to its previous task):
+  so the stages' tasks (``ray::MapBatches(read_batch)->...``, ``...(_KeysFn)``, ``ray::_split_hash``,
+  the pack actor's ``.submit``) and Ray's own processes (driver, raylet, gcs_server, agents, Ray Data's
+  ``_StatsActor`` ..., ``ray::IDLE`` = worker start-up and idle polling) side by side; ``[monitor]`` is
+  the sampler thread, reported apart from ``driver``.
 * ``peak_rss_mb`` per scale: peak summed RSS of this process and all its descendants (Ray's GCS,
   raylet, object store, workers), sampled every 0.25 s; ``rss_ratio`` = largest scale / previous
   scale (goal <= 1.3 for 50x / 10x). RSS counts shared object-store pages in every process that maps
@@ -136,6 +145,9 @@ class PeakRSS:
         self._cpu: dict[int, float] = {}
         self.at_peak: dict = {}
         self.peak_by_kind: Counter = Counter()
+        self.cpu_by_kind: Counter = Counter()
+        self._kind: dict = {}
+        self.monitor_cpu_s = 0.0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -149,10 +161,22 @@ class PeakRSS:
             try:
                 m = _smaps_kb(p.pid)
                 c = p.cpu_times()
-                self._cpu[(p.pid, p.create_time())] = c.user + c.system
+                key = (p.pid, p.create_time())
                 kind = process_kind(p, self.proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                 continue
+            # CPU seconds since the previous sample go to what the process is doing NOW: a worker's
+            # title names its current task, so over 0.25 s samples this splits a worker's time by task
+            # A worker that finished a task within the interval shows ray::IDLE now: its CPU since the
+            # last sample is the task's, so IDLE gets only intervals idle at both ends (and the
+            # start-up of a new worker, which has no previous sample).
+            prev = self._cpu.get(key, self._cpu0.get(key, 0.0))
+            self._cpu[key] = c.user + c.system
+            before = self._kind.get(key)
+            self._kind[key] = kind
+            if kind == "ray::IDLE" and before is not None:
+                kind = before if before != "ray::IDLE" else kind
+            self.cpu_by_kind[kind] += self._cpu[key] - prev
             total += m.get("Rss", 0) << 10
             pss += m.get("Pss", 0) << 10
             kinds[kind] += m.get("Pss", 0) << 10
@@ -177,19 +201,32 @@ class PeakRSS:
                             **{f"[{k}]": round(v / 2**20) for k, v in self.at_peak.get("split", {}).items()}},
                 "peak_by_kind": mb(self.peak_by_kind)}
 
+    def cpu_breakdown(self) -> dict:
+        """CPU seconds (user + system) per process kind over the run, largest first; kinds under 0.5 s
+        are folded into ``other``. Sums to ``cpu_s`` up to the last interval of workers that exited."""
+        kinds = Counter(self.cpu_by_kind)
+        kinds["driver"] -= self.monitor_cpu_s  # the sampler thread: reported as [monitor], not driver
+        kinds["[monitor]"] = self.monitor_cpu_s
+        out: Counter = Counter()
+        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            out[k if v >= 0.5 else "other"] += v
+        return {k: round(v, 1) for k, v in out.items()}
+
     @property
     def cpu_s(self) -> float:
         return sum(v - self._cpu0.get(k, 0.0) for k, v in self._cpu.items())
 
     def _run(self) -> None:
+        c0 = time.thread_time()  # this thread's user + system time: the sampler's own cost
         while not self._stop.is_set():
             self.peak = max(self.peak, self.sample())
             time.sleep(self.interval)
+            self.monitor_cpu_s = time.thread_time() - c0
 
     def __enter__(self) -> "PeakRSS":
         self.sample()
         self._cpu0 = dict(self._cpu)
-        self.peak_pss, self.at_peak, self.peak_by_kind = 0, {}, Counter()
+        self.peak_pss, self.at_peak, self.peak_by_kind, self.cpu_by_kind = 0, {}, Counter(), Counter()
         self._t.start()
         return self
 
@@ -319,11 +356,11 @@ def main() -> None:
                  "object_store_gb": args.object_store_gb, "tokenizer_mb_s_per_core": round(tok_mb_s, 3),
                  "tokenizer_cpu_mb_s_per_core": round(tok_cpu_mb_s, 3), "load_avg_1m": round(load, 2),
                  "text_mb": {}, "documents_in": {}, "seconds": {}, "text_mb_s_per_core": {}, "ratio_by_scale": {},
-                 "peak_rss_mb": {}, "peak_pss_mb": {}, "cpu_s": {}, "cpu_ratio_by_scale": {}, "core_utilisation": {},
+                 "peak_rss_mb": {}, "peak_pss_mb": {}, "cpu_s": {}, "monitor_cpu_s": {}, "cpu_ratio_by_scale": {}, "core_utilisation": {},
                  "dedup_per_1x": {}, "stage_seconds": {}}
     dist: dict = {"seconds": {}, "local_seconds": {}, "compared": {}, "peak_rss_mb": {}, "peak_pss_mb": {},
                   "dist_over_local": {}, "same_output": {}, "memory_breakdown_mb": {}}
-    res["dedup_path"], res["memory_breakdown_mb"] = {}, {}
+    res["dedup_path"], res["memory_breakdown_mb"], res["cpu_breakdown_s"] = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="polyko-bench-", dir=args.workdir) as tmp:
         for n in scales:
             inp, text_bytes = write_scale(corpus, tables, Path(tmp), n)
@@ -341,14 +378,19 @@ def main() -> None:
             res["peak_rss_mb"][key] = round(mon.peak / 2**20)
             res["peak_pss_mb"][key] = round(mon.peak_pss / 2**20)
             res["memory_breakdown_mb"][key] = mon.breakdown()
-            res["cpu_s"][key] = round(cpu_s, 1)
-            res["cpu_ratio_by_scale"][key] = round(mb / cpu_s / tok_cpu_mb_s, 3)
-            res["core_utilisation"][key] = round(cpu_s / secs / cpus, 3)
+            res["cpu_breakdown_s"][key] = mon.cpu_breakdown()
+            # the sampler thread runs in the driver and reads /proc of every process 4x a second:
+            # the benchmark's instrument, not the pipeline, so its own CPU is reported apart
+            res["monitor_cpu_s"][key] = round(mon.monitor_cpu_s, 1)
+            res["cpu_s"][key] = round(cpu_s - mon.monitor_cpu_s, 1)
+            res["cpu_ratio_by_scale"][key] = round(mb / (cpu_s - mon.monitor_cpu_s) / tok_cpu_mb_s, 3)
+            res["core_utilisation"][key] = round((cpu_s - mon.monitor_cpu_s) / secs / cpus, 3)
             res["dedup_per_1x"][key] = {k: round(v / n) for k, v in stats["duplicates_removed"].items()}
             res["stage_seconds"][key] = stats["timings_s"]
             print(f"x{n}: {mb:.0f} MB text in {secs:.0f} s, peak PSS {mon.peak_pss / 2**20:.0f} MB "
                   f"({res['dedup_path'][key]} dedup), dedup {stats['duplicates_removed']}, "
-                  f"breakdown {res['memory_breakdown_mb'][key]['at_peak']}", file=sys.stderr, flush=True)
+                  f"breakdown {res['memory_breakdown_mb'][key]['at_peak']}, CPU-s {res['cpu_breakdown_s'][key]}",
+                  file=sys.stderr, flush=True)
             if not args.no_distributed:
                 # like for like, both without the pack stage: the default run minus its pack time is one
                 # side; the other side is a second run forced onto the other dedup path (the one-task
