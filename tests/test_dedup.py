@@ -322,11 +322,15 @@ def test_repeated_id_is_an_error(ray_local):
         deduplicate(twice, DedupConfig(near=False, local_max_docs=10))
 
 
-def test_split_partitions_many_blocks_equal_reference(ray_local, news):
-    """The distributed path with every partition arriving as many small pieces (the input in 96 blocks,
-    so each of the 16 partitions is 96 pieces) and several partitions per reduce block (16 partitions
-    on 3 reducers), through the distributed components too: exactly the single-process reference."""
-    cfg = DedupConfig(local_max_docs=0, num_partitions=16, reducers=3, cc_local_max_edges=0, drop_chunk_rows=300)
+@pytest.mark.parametrize("map_bytes", [0, 16 << 20])
+def test_split_partitions_many_blocks_equal_reference(ray_local, news, map_bytes):
+    """The distributed path with every partition arriving as many small pieces (the input in 96 blocks;
+    map_bytes=0: a map task per block, so each of the 16 partitions is 96 pieces; the default groups the
+    small blocks into a few map tasks, several blocks per piece) and several partitions per reduce
+    block (16 partitions on 3 reducers), through the distributed components too: exactly the
+    single-process reference."""
+    cfg = DedupConfig(local_max_docs=0, num_partitions=16, reducers=3, cc_local_max_edges=0, drop_chunk_rows=300,
+                      map_bytes=map_bytes)
     kept, rem = _run(news[:3000] + news[3000:3000 + 1500], cfg, blocks=96)
     assert rem == _reference(news[:4500], cfg)
     assert sum(k == "near" for _, k in rem.values()) > 100
@@ -336,7 +340,8 @@ def test_split_partitions_many_blocks_equal_reference(ray_local, news):
 
 
 def test_shuffle_keeps_key_groups_whole(ray_local):
-    """Blocks.shuffle: a group is never split, whatever the input blocks, partitions and reducers."""
+    """Blocks.shuffle: a group is never split, whatever the input blocks, partitions, reducers and input
+    blocks per map task."""
     import ray
 
     from polyko.data.shuffle import Blocks
@@ -349,8 +354,8 @@ def test_shuffle_keeps_key_groups_whole(ray_local):
     def groups(t: pa.Table) -> pa.Table:  # use_threads=False: Acero's pool breaks in Ray worker threads
         return t.group_by("k", use_threads=False).aggregate([("x", "count")])
 
-    for parts, reducers in ((7, 2), (1, 1), (64, 64)):
-        out = pa.concat_tables(ray.get(Blocks(refs).shuffle("k", parts, groups, reducers=reducers).refs))
+    for parts, reducers, group in ((7, 2, 1), (1, 1, 1), (64, 64, 1), (7, 2, 10), (64, 3, 200)):
+        out = pa.concat_tables(ray.get(Blocks(refs).shuffle("k", parts, groups, reducers=reducers, group=group).refs))
         assert out.num_rows == len(set(keys.tolist()))  # one row per key: no group cut in two
         assert sorted(out["x_count"].to_pylist()) == sorted(np.bincount(keys)[np.unique(keys)].tolist())
 

@@ -51,9 +51,9 @@ def partition_of(col: pa.ChunkedArray | pa.Array, parts: int) -> np.ndarray:
     return (h % np.uint64(parts)).astype(np.int64)[enc.indices.to_numpy(zero_copy_only=False)]
 
 
-def _split_hash(table: pa.Table, key: str, parts: int, pre: Callable | None) -> Any:
-    if pre is not None:
-        table = pre(table)
+def _split_hash(key: str, parts: int, pre: Callable | None, *tables: pa.Table) -> Any:
+    # ``pre`` per input table before they are joined: it may conform each to one schema
+    table = concat([pre(t) for t in tables] if pre is not None else tables)
     pid = partition_of(table[key], parts)
     order = np.argsort(pid, kind="stable")
     cuts = np.searchsorted(pid[order], np.arange(parts + 1))
@@ -140,15 +140,21 @@ class Blocks:
         return Blocks([ray.remote(_reduce).remote(fn, *self.refs)])
 
     def shuffle(self, key: str, partitions: int, fn: Callable | None = None, *, reducers: int = 0,
-                pre: Callable | None = None) -> "Blocks":
+                pre: Callable | None = None, group: int = 1) -> "Blocks":
         """Hash-partition on ``key`` and run ``fn`` once per reducer over whole key groups.
-        ``pre`` runs in the map task before the split (e.g. conform a schema)."""
+        ``pre`` runs in the map task before the split (e.g. conform a schema). ``group``: input blocks
+        per map task. A map task returns ``partitions`` pieces, so many small input blocks make
+        ``blocks x partitions`` tiny pieces, and Ray keeps every task return under 100 KB
+        (``max_direct_call_object_size``) in the OWNER's heap -- the driver's -- not in the object
+        store: grouping blocks so a piece is ~100s of KB keeps the shuffle's data in the store
+        (which spills) and the driver's memory and bookkeeping flat as the corpus grows."""
         import ray
 
-        assert partitions >= 1
+        assert partitions >= 1 and group >= 1
         reducers = min(reducers or partitions, partitions)
         split = ray.remote(_split_hash).options(num_returns=partitions)
-        pieces = [split.remote(r, key, partitions, pre) for r in self.refs]
+        pieces = [split.remote(key, partitions, pre, *self.refs[i:i + group])
+                  for i in range(0, len(self.refs), group)]
         if partitions == 1:
             pieces = [[p] for p in pieces]
         red = ray.remote(_reduce)
