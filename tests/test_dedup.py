@@ -58,8 +58,8 @@ def _removed(removed_ds):
     return {r["id"]: (r["dup_of"], r["kind"]) for r in removed_ds.take_all()}
 
 
-def _run(rows, cfg, blocks=4):
-    kept, removed = deduplicate(_dataset(rows, blocks), cfg)
+def _run(rows, cfg, blocks=4, keys_dir=None):
+    kept, removed = deduplicate(_dataset(rows, blocks), cfg, keys_dir=keys_dir)
     return kept, _removed(removed)
 
 
@@ -322,16 +322,20 @@ def test_repeated_id_is_an_error(ray_local):
         deduplicate(twice, DedupConfig(near=False, local_max_docs=10))
 
 
-@pytest.mark.parametrize("map_bytes", [0, 16 << 20])
-def test_split_partitions_many_blocks_equal_reference(ray_local, news, map_bytes):
+@pytest.mark.parametrize("map_bytes,on_disk", [(0, False), (16 << 20, False), (16 << 20, True)])
+def test_split_partitions_many_blocks_equal_reference(ray_local, news, map_bytes, on_disk, tmp_path):
     """The distributed path with every partition arriving as many small pieces (the input in 96 blocks;
     map_bytes=0: a map task per block, so each of the 16 partitions is 96 pieces; the default groups the
     small blocks into a few map tasks, several blocks per piece) and several partitions per reduce
     block (16 partitions on 3 reducers), through the distributed components too: exactly the
-    single-process reference."""
+    single-process reference. ``on_disk``: the key table as Parquet files (``keys_dir``) and the
+    bucket shuffle in rounds of a few bands (``bucket_round_bytes`` far below 4,500 docs x 9 bands)."""
     cfg = DedupConfig(local_max_docs=0, num_partitions=16, reducers=3, cc_local_max_edges=0, drop_chunk_rows=300,
-                      map_bytes=map_bytes)
-    kept, rem = _run(news[:3000] + news[3000:3000 + 1500], cfg, blocks=96)
+                      map_bytes=map_bytes, bucket_round_bytes=200_000 if on_disk else 256 << 20)
+    keys_dir = str(tmp_path / "keys") if on_disk else None
+    kept, rem = _run(news[:3000] + news[3000:3000 + 1500], cfg, blocks=96, keys_dir=keys_dir)
+    if on_disk:
+        assert len(list((tmp_path / "keys").glob("*.parquet"))) == 96
     assert rem == _reference(news[:4500], cfg)
     assert sum(k == "near" for _, k in rem.values()) > 100
     # the range-chunked kept filter (drop_chunk_rows=300: several chunks) drops exactly the removed ids

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from polyko.data.pack import pack_corpus, plan_chunks
+from polyko.data.pack import PACK_LAYOUT, pack_corpus, plan_chunks
 from polyko.data.shards import TokenShards, read_manifest
 from polyko.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -105,7 +105,7 @@ def test_pack_one_stream_per_source_in_order(tmp_path, cleaned, polyglot_tokeniz
     assert m["tokens_per_source"] == {s: len(e) for s, e in expected.items()}
     assert m["rows_per_source"] == {s: len(e) // SEQ for s, e in expected.items()}
     assert m["documents_per_source"] == {s: sum(r["source"] == s for r in rows) for s in sources}
-    assert m["validation"] is None and m["pack"]["layout"] == 2
+    assert m["validation"] is None and m["pack"]["layout"] == PACK_LAYOUT == 3
     for s in sources:   # bytes: the text's UTF-8 bytes, pro-rated for the dropped row-end tokens
         p = m["per_source"][s]
         text_bytes = sum(len(r["text"].encode()) for r in rows if r["source"] == s)

@@ -14,11 +14,15 @@ How it scales (nothing of corpus size ever reaches the driver, and the TEXT is n
 1. keys      one Ray Data map over the corpus: per document a 128-bit blake2b hash of the exact canonical
              text and the LSH band hashes of its MinHash signature (the signature itself is not kept:
              512 B/doc at num_perm=128, 5x the rest). The key table is ~(id + source + 16 + 8*bands)
-             bytes/doc, ~130 B; it is held once, in the corpus's block order, and never shuffled whole.
+             bytes/doc, ~115 B; it is held once, in the corpus's block order, and never shuffled whole:
+             with ``keys_dir`` (the pipeline's choice) as a Parquet file per block that the tasks
+             using it read (only the columns they need), else in the object store.
 2. exact     shuffle (id, hash, source) by hash; in each hash run the smallest id is the representative.
 3. buckets   map tasks over the key table drop the exact duplicates (a range-chunked anti-join as in 7)
              and explode the representatives' band hashes; shuffle by bucket; every bucket with >1
              member gives star edges (smallest id, other) -- the text-dedup / NeMo Curator recipe.
+             The bands go in rounds of at most ``bucket_round_bytes`` (a round starts when the
+             previous one is done), so the store holds one round's pieces, not 16 B x bands per doc.
 4. verify    (optional) drop candidate pairs whose similarity is below ``threshold``: ``"minhash"``
              compares the full signatures (estimated Jaccard, std ~ sqrt(J(1-J)/num_perm) = 0.035 at
              J=0.8, num_perm=128), recomputed for the candidate pairs' ends only by a range-chunked
@@ -77,7 +81,7 @@ from polyko.data.components import (components_local, encode as _encode, large_s
                                     np_col as _np, run_starts as _run_starts, small_star, small_star_in)
 from polyko.data.minhash import (MinHasher, exact_canonical, exact_key, jaccard, near_canonical,  # noqa: F401
                                  optimal_bands, shingles)
-from polyko.data.shuffle import Blocks, concat
+from polyko.data.shuffle import Blocks, concat, release_heap
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -115,6 +119,9 @@ class DedupConfig:
                                       # (~0.8 KB/doc of task heap: 1.1 GB at 1.39M docs), else shuffles; 0 = always shuffle
     reducers: int = 0                 # tasks per shuffle (each takes partitions p % reducers); 0 = num_partitions
     drop_chunk_rows: int = 1_000_000  # removed ids per range chunk of the kept filter (8-16 MB each)
+    bucket_round_bytes: int = 256 << 20  # (bucket, id) bytes one bucket-shuffle round moves: beyond it the
+                                      # bands are shuffled in rounds, one after the other, so the object store
+                                      # holds one round's pieces (9 bands x 16 B/doc: 1.6 GB at 11M docs)
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
@@ -131,9 +138,10 @@ class DedupConfig:
             raise ValueError(f"DedupConfig.bands * rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
         if not 0.0 <= self.false_positive_weight <= 1.0:
             raise ValueError("DedupConfig.false_positive_weight must be in [0, 1]")
-        if min(self.num_partitions, self.cc_local_max_edges, self.local_max_docs, self.reducers, self.map_bytes) < 0:
-            raise ValueError("DedupConfig.num_partitions, cc_local_max_edges, local_max_docs, reducers and map_bytes "
-                             "must be >= 0")
+        if min(self.num_partitions, self.cc_local_max_edges, self.local_max_docs, self.reducers, self.map_bytes,
+               self.bucket_round_bytes) < 0:
+            raise ValueError("DedupConfig.num_partitions, cc_local_max_edges, local_max_docs, reducers, map_bytes "
+                             "and bucket_round_bytes must be >= 0")
         if self.drop_chunk_rows < 1:
             raise ValueError("DedupConfig.drop_chunk_rows must be >= 1")
 
@@ -158,9 +166,10 @@ class _KeysFn:
     def __call__(self, block: pa.Table, rows: int = 4096) -> pa.Table:
         # slices of ``rows`` documents bound the MinHash work arrays (~100 B per character) whatever
         # the block size
-        if block.num_rows <= rows:
-            return self._keys(block)
-        return pa.concat_tables([self._keys(block.slice(i, rows)) for i in range(0, block.num_rows, rows)])
+        out = (self._keys(block) if block.num_rows <= rows else
+               pa.concat_tables([self._keys(block.slice(i, rows)) for i in range(0, block.num_rows, rows)]))
+        release_heap()
+        return out
 
     def _keys(self, batch: pa.Table) -> pa.Table:
         texts = batch[self.text].to_pylist()
@@ -181,6 +190,28 @@ class _KeysFn:
         return pa.table(cols)
 
 
+class _WriteBlock:
+    """Writes each block to its own Parquet file under ``root`` and returns one row (``path``,
+    ``rows``, ``bytes`` in memory) per block: a table that then lives on disk, not in the object store
+    (:func:`polyko.data.shuffle.load` reads it back). Names are random: a retried task writes anew."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        import uuid
+
+        import fsspec
+        import pyarrow.parquet as pq
+
+        path = ""
+        if block.num_rows:
+            path = f"{self.root}/part-{uuid.uuid4().hex}.parquet"
+            with fsspec.open(path, "wb") as f:
+                pq.write_table(block, f, compression="none")  # band hashes are random: nothing to gain
+        return pa.table({"path": [path], "rows": [block.num_rows], "bytes": [block.nbytes]})
+
+
 class _EndSigs:
     """(id, _sig) of the corpus documents whose id is in the range chunks of the candidate pairs' ends:
     a map-side semi-join over the corpus (each block fetches the one or two chunks overlapping its id
@@ -199,14 +230,28 @@ class _EndSigs:
         sig = [self.hasher.signatures(block[self.text].slice(i, rows).to_pylist())[0]
                for i in range(0, block.num_rows, rows)]
         sig = np.concatenate(sig) if sig else np.zeros((0, self.num_perm), np.uint32)
-        return pa.table({"id": block[self.id],
-                         "_sig": pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), self.num_perm)})
+        out = pa.table({"id": block[self.id], "_sig": _sig_array(sig)})
+        release_heap()
+        return out
 
 
-def _end_signatures(ds, cfg: DedupConfig, ends: list, text_column: str, id_column: str) -> "Blocks":
+def _sig_array(sig: np.ndarray) -> pa.Array:
+    """Signatures [n, num_perm] as a variable-size ``list<uint32>`` column. Not a fixed-size list: the
+    reduce-side joins give the other side's rows a null ``_sig``, and a null fixed-size list still
+    allocates num_perm values (512 B a row: every edge row of the join shuffles carried one, 20x the
+    rest of the row); a null variable-size list costs its 4-byte offset."""
+    n, k = sig.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(sig.reshape(-1)))
+
+
+def _end_signatures(ds, cfg: DedupConfig, ends: list, text_column: str, id_column: str) -> tuple["Blocks", int]:
+    """(blocks of (id, _sig) of the candidate pairs' ends, their bytes)."""
     # batch_size=None: whole blocks (see the key map in :func:`deduplicate`)
-    return Blocks.from_dataset(ds.select_columns([id_column, text_column]).map_batches(
-        _EndSigs(cfg, ends, text_column, id_column), batch_format="pyarrow", batch_size=None, zero_copy_batch=True))
+    sigs = ds.select_columns([id_column, text_column]).map_batches(
+        _EndSigs(cfg, ends, text_column, id_column), batch_format="pyarrow", batch_size=None,
+        zero_copy_batch=True).materialize()
+    return Blocks(sigs.to_arrow_refs()), sigs.size_bytes()
 
 
 def _mark_exact(block: pa.Table) -> pa.Table:
@@ -229,13 +274,19 @@ def _no_exact(block: pa.Table) -> pa.Table:
 
 
 class _Explode:
-    def __init__(self, bands: int):
-        self.bands = bands
+    """(bucket, id) rows of the documents with shingles, for every band or the bands ``sel``."""
+
+    def __init__(self, bands: int, sel: list[int] | None = None):
+        self.bands, self.sel = bands, sel
 
     def __call__(self, block: pa.Table) -> pa.Table:
         block = block.filter(block["_ok"])
-        idx = np.repeat(np.arange(block.num_rows), self.bands)
         flat = pc.list_flatten(block["_bands"])
+        k = self.bands
+        if self.sel is not None and len(self.sel) < self.bands:
+            k = len(self.sel)
+            flat = pa.array(_np(flat).reshape(-1, self.bands)[:, self.sel].reshape(-1))
+        idx = np.repeat(np.arange(block.num_rows), k)
         return pa.table({"_bucket": flat, "id": block["id"].take(pa.array(idx, pa.int64()))})
 
 
@@ -363,31 +414,22 @@ def _resolve_tables(docs: pa.Table, roots: pa.Table) -> pa.Table:
     return pa.table(cols).filter(removed)
 
 
-def _with(column: str, value) -> "callable":
-    def add(block: pa.Table) -> pa.Table:
-        v = value(block) if callable(value) else pa.array(np.full(block.num_rows, value))
-        return block.append_column(column, v)
+class _JoinSide:
+    """``pre`` of a reduce-side join shuffle, run in its map tasks: adds the join key ``_dedup_k`` --
+    the ``key`` column of a block that has ``marker`` (one side of the join), else its ``id`` (the
+    other side) -- and gives the block exactly the union ``schema`` (missing columns as nulls): the
+    shuffle concatenates a partition's pieces with ``pa.concat_tables``, which needs one schema.
+    (A map task per block to add the key cost ~2,000 tiny tasks per join at 11M documents.)"""
 
-    add.__name__ = f"add_{column}"
-    return add
-
-
-class _Conform:
-    """Give a block exactly ``schema`` (missing columns as nulls): the hash shuffle concatenates the
-    blocks of a partition with ``pa.concat_tables``, which needs identical schemas on both join sides."""
-
-    def __init__(self, schema: pa.Schema):
-        self.schema = schema
+    def __init__(self, a: pa.Schema, b: pa.Schema, marker: str, key: str):
+        self.schema = pa.unify_schemas([a, b]).append(pa.field(_K, a.field(key).type))
+        self.marker, self.key = marker, key
 
     def __call__(self, block: pa.Table) -> pa.Table:
+        block = block.append_column(_K, block[self.key if self.marker in block.column_names else "id"])
         cols = [block[f.name].cast(f.type) if f.name in block.column_names else pa.nulls(block.num_rows, f.type)
                 for f in self.schema]
         return pa.Table.from_arrays(cols, schema=self.schema)
-
-
-
-def _unified(a: pa.Schema, b: pa.Schema) -> _Conform:
-    return _Conform(pa.unify_schemas([a, b]))
 
 
 def _schema(ds) -> pa.Schema:
@@ -433,16 +475,18 @@ class _DropIds:
         drop = _overlapping_ids(self.chunks, block[self.id])
         if drop is not None:
             block = block.filter(pc.invert(pc.is_in(block[self.id], value_set=drop)))
+            release_heap()
         return block.select(self.names)
 
 
 class _RepBands:
     """Map side of the bucket shuffle, straight over the key table: drops the exact duplicates (the
     range chunks of non-representative ids, fetched per block like :class:`_DropIds`) and explodes
-    the representatives' band hashes to (bucket, id) rows. The key table is never copied for this."""
+    the representatives' band hashes (of the bands ``sel``) to (bucket, id) rows. The key table is
+    never copied for this."""
 
-    def __init__(self, chunks: list, bands: int):
-        self.chunks, self.explode = chunks, _Explode(bands)
+    def __init__(self, chunks: list, bands: int, sel: list[int] | None = None):
+        self.chunks, self.explode = chunks, _Explode(bands, sel)
 
     def __call__(self, block: pa.Table) -> pa.Table:
         block = block.select(["id", "_ok", "_bands"])
@@ -460,23 +504,27 @@ def _end_ids(t: pa.Table) -> pa.Table:
     return pa.table({"id": pc.unique(pa.concat_arrays([t["src"].combine_chunks(), t["dst"].combine_chunks()]))})
 
 
-def _id_chunks(ids: Blocks, rows: int) -> list:
+def _id_chunks(ids: Blocks, rows: int, name: str) -> list:
     """Range-partition the ids of ``ids`` (an ``id`` column) into sorted chunks: [(lo, hi, ref)]."""
-    chunks, ranges = ids.range_shuffle("id", rows)
+    chunks, ranges = ids.range_shuffle("id", rows, name=name)
     return [(r[0], r[1], ref) for r, ref in zip(ranges, chunks.refs) if r is not None]
 
 
 def _drop_index(removed: Blocks, rows: int) -> list:
     """Range-partition the removed ids into sorted chunks: [(lo, hi, ref)]."""
-    return _id_chunks(removed.map(lambda t: t.select(["id"])), rows)
+    return _id_chunks(removed.map(lambda t: t.select(["id"])), rows, "dedup-removed-ids")
 
 
 def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = "text",
-                id_column: str = "id", schema: pa.Schema | None = None) -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
+                id_column: str = "id", schema: pa.Schema | None = None,
+                keys_dir: str | None = None) -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
     """(kept, removed). ``removed`` has columns id, source (if the input has it), dup_of (the kept id),
     kind ("exact"|"near") and is materialised (it is small); ``kept`` is lazy, all input columns, in
     the input's order. ``schema``: the input's schema when the caller knows it (a dataset made by a
-    ``map_batches`` UDF would otherwise run a block just to find its columns)."""
+    ``map_batches`` UDF would otherwise run a block just to find its columns). ``keys_dir``: a
+    directory (local path or fsspec URI every node reaches) that the key table is written to as one
+    Parquet file per block, read back by the tasks that use it; None holds it in the object store
+    (~115 B/doc: 1.3 GB at 11M documents). Files of an earlier call there are ignored, not read."""
     import ray
 
     if not (cfg.exact or cfg.near):
@@ -498,10 +546,23 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     # block) that put every file of a small corpus into one task
     keys = ds.select_columns([c for c in (id_column, text_column, source) if c]).map_batches(
         _KeysFn(cfg, text_column, id_column, source), batch_format="pyarrow", batch_size=None,
-        zero_copy_batch=True).materialize()
-    n_docs = keys.count()  # metadata of a materialised dataset: free
+        zero_copy_batch=True)
+    if keys_dir is None:
+        keys = keys.materialize()
+        n_docs = keys.count()  # metadata of a materialised dataset: free
+        key_bytes = keys.size_bytes()
+        K = Blocks(keys.to_arrow_refs())
+    else:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(keys_dir)
+        fs.makedirs(root, exist_ok=True)
+        # the files come from the tasks' returns, never from listing the directory: a retried task's
+        # partial file, or an earlier run's, is never read
+        files = keys.map_batches(_WriteBlock(keys_dir), batch_format="pyarrow", batch_size=None).take_all()
+        K = Blocks([f["path"] for f in files if f["rows"]])
+        n_docs, key_bytes = sum(f["rows"] for f in files), sum(f["bytes"] for f in files)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    key_bytes = keys.size_bytes()
 
     def parts_for(nbytes: float) -> int:
         # partitions of each shuffle sized by the bytes IT moves (~16 MB per partition bounds a reduce
@@ -529,7 +590,6 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
         empty.update(dup_of=empty["id"], kind=pa.array([], pa.string()))
         return ds, ray.data.from_arrow(pa.table(empty))
 
-    K = Blocks(keys.to_arrow_refs())
     if n_docs <= cfg.local_max_docs and not (cfg.near and cfg.verify == "jaccard"):
         # 2-6 in two tasks (around the signatures of the candidates' ends): no shuffle at all
         docs_ref, edges_ref = ray.remote(_local_candidates).options(num_returns=2).remote(
@@ -537,8 +597,8 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
         K = keys = None  # the key table is freed once the task ran
         sig_refs = []
         if cfg.near and cfg.verify == "minhash" and Blocks([edges_ref]).count():
-            ends = _id_chunks(Blocks([edges_ref]).map(_end_ids), cfg.drop_chunk_rows)
-            sig_refs = _end_signatures(ds, cfg, ends, text_column, id_column).refs
+            ends = _id_chunks(Blocks([edges_ref]).map(_end_ids), cfg.drop_chunk_rows, "dedup-end-ids")
+            sig_refs = _end_signatures(ds, cfg, ends, text_column, id_column)[0].refs
         removed = Blocks([ray.remote(_local_finish).remote(cfg, docs_ref, edges_ref, *sig_refs)])
         log.info("dedup: one-task path over %d docs", n_docs)
     else:
@@ -568,13 +628,16 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
     tasks are submitted. (Carrying 512 B/doc of signatures through the exact shuffle, the
     representatives and twice through the joins held 2-3 copies of ~620 B/doc at a time: 2 GB of
     object store and 4.7 GB spilled at 1.4M documents.)"""
+    import ray
+
     red = cfg.reducers
     K = key_table.pop()
     per_id = 8 if pa.types.is_integer(id_type) else 32  # bytes per id (strings: a guess for the estimate)
     src_b = 24 if source else 0  # a short source name plus its offset
 
-    def shuffle(b: Blocks, key: str, fn, nbytes: float, pre=None) -> Blocks:
-        return b.shuffle(key, parts_for(nbytes), fn, reducers=red, pre=pre, group=group_for(len(b.refs), nbytes))
+    def shuffle(b: Blocks, name: str, key: str, fn, nbytes: float, pre=None, columns=None) -> Blocks:
+        return b.shuffle(key, parts_for(nbytes), fn, reducers=red, pre=pre, group=group_for(len(b.refs), nbytes),
+                         name=f"dedup-{name}", columns=columns)
 
     m_schema = pa.schema([("id", id_type), ("_rep", id_type)] + ([("source", pa.string())] if source else []))
     cols = ["id", "_rep"] + (["source"] if source else [])
@@ -582,8 +645,8 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
     # 2. exact: only id, the 128-bit hash and source travel -> (id, _rep[, source]) for every document
     if cfg.exact:
         xcols = ["id", "_xk0", "_xk1"] + (["source"] if source else [])
-        docs_cols = shuffle(K, "_xk0", lambda t: _mark_exact(t).select(cols), n_docs * (per_id + 16 + src_b),
-                            pre=lambda t: t.select(xcols))
+        docs_cols = shuffle(K, "exact", "_xk0", lambda t: _mark_exact(t).select(cols), n_docs * (per_id + 16 + src_b),
+                            columns=xcols)
     else:
         docs_cols = K.map(lambda t: _no_exact(t.select(["id"] + (["source"] if source else []))).select(cols))
 
@@ -591,16 +654,28 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
     roots = None
     if cfg.near:
         b, _ = cfg.band_rows()
-        nonrep = _id_chunks(docs_cols.map(_non_rep_ids), cfg.drop_chunk_rows) if cfg.exact else []
-        edges = shuffle(K, "_bucket", _star_edges, n_docs * b * (8 + per_id), pre=_RepBands(nonrep, b))
+        nonrep = _id_chunks(docs_cols.map(_non_rep_ids), cfg.drop_chunk_rows, "dedup-nonrep-ids") if cfg.exact else []
+        # bands in rounds of at most bucket_round_bytes each, a round submitted once the previous one
+        # ran: the store holds one round's pieces, not every band's at once
+        per_band = n_docs * (8 + per_id)
+        rounds = min(b, max(1, math.ceil(b * per_band / cfg.bucket_round_bytes))) if cfg.bucket_round_bytes else 1
+        parts = []
+        for r, sel in enumerate(np.array_split(np.arange(b), rounds)):
+            if parts:
+                ray.wait(parts[-1].refs, num_returns=len(parts[-1].refs), fetch_local=False)
+            parts.append(shuffle(K, "buckets", "_bucket", _star_edges, len(sel) * per_band,
+                                 pre=_RepBands(nonrep, b, sel.tolist()), columns=["id", "_ok", "_bands"]))
+        edges = Blocks([ref for p in parts for ref in p.refs])
         K = None  # every task that reads the key table is submitted: Ray frees it once they ran
         n_candidates = edges.count()
         if cfg.verify != "none" and n_candidates:
             if cfg.verify == "minhash":
-                ends = _id_chunks(edges.map(_end_ids), cfg.drop_chunk_rows)
-                table = _end_signatures(ds, cfg, ends, text_column, id_column)
-                payload, payload_type = "_sig", pa.list_(pa.uint32(), cfg.num_perm)
-                join_bytes = n_candidates * (3 * per_id + 2 * 4 * cfg.num_perm)
+                ends = _id_chunks(edges.map(_end_ids), cfg.drop_chunk_rows, "dedup-end-ids")
+                table, sig_bytes = _end_signatures(ds, cfg, ends, text_column, id_column)
+                payload, payload_type = "_sig", pa.list_(pa.uint32())
+                # what the second join moves: each end's signature once, each edge with one signature
+                # (star edges share their src: far fewer ends than 2 per edge)
+                join_bytes = sig_bytes + n_candidates * (3 * per_id + 4 * cfg.num_perm)
             else:
                 sel = ds.select_columns([id_column, text_column])
                 if id_column != "id":
@@ -608,22 +683,19 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
                 table = Blocks.from_dataset(sel)
                 payload, payload_type = text_column, text_type
                 join_bytes = max(key_bytes, n_candidates * (3 * per_id + 2 * 4 * cfg.num_perm))
-            table = table.map(_with(_K, lambda t: t["id"]))
-            t_schema = pa.schema([("id", id_type), (payload, payload_type), (_K, id_type)])
-            e_schema = pa.schema([("src", id_type), ("dst", id_type), (_K, id_type)])
+            t_schema = pa.schema([("id", id_type), (payload, payload_type)])
+            e_schema = pa.schema([("src", id_type), ("dst", id_type)])
             for end in ("src", "dst"):
-                e = edges.map(_with(_K, lambda t, end=end: t[end]))
-                edges = shuffle(e.union(table), _K, _attach_fn(end, payload, f"_p_{end}", id_type, payload_type),
-                                join_bytes, pre=_unified(e_schema, t_schema))
-                e_schema = pa.schema([("src", id_type), ("dst", id_type)]
-                                     + ([pa.field("_p_src", payload_type)] if end == "src" else [])
-                                     + [pa.field(_K, id_type)])
-            edges = edges.map(_VerifyFn(cfg))
+                edges = shuffle(edges.union(table), f"attach-{end}", _K,
+                                _attach_fn(end, payload, f"_p_{end}", id_type, payload_type),
+                                join_bytes, pre=_JoinSide(e_schema, t_schema, "src", end))
+                e_schema = e_schema.append(pa.field("_p_src", payload_type))
+            edges = edges.map(_VerifyFn(cfg), name="dedup-verify")
             del table
         if n_candidates == 0:
             roots = None
         elif n_candidates <= cfg.cc_local_max_edges:
-            roots = edges.gather(components_local)
+            roots = edges.gather(components_local, name="dedup-components")
         else:
             roots = _components_distributed(edges, parts_for(n_candidates * 4 * per_id), red)
     K = None
@@ -631,11 +703,10 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
     # 6. resolve dup_of to the surviving id
     if roots is None:
         return docs_cols.map(_resolve)
-    docs = docs_cols.map(_with(_K, lambda x: x["_rep"]))
-    rts = roots.map(_with(_K, lambda t: t["id"]))
-    d_schema = pa.schema([m_schema.field(c) for c in cols] + [pa.field(_K, id_type)])
-    r_schema = pa.schema([("id", id_type), ("_root", id_type), (_K, id_type)])
-    return shuffle(docs.union(rts), _K, _resolve, n_docs * (3 * per_id + src_b), pre=_unified(d_schema, r_schema))
+    d_schema = pa.schema([m_schema.field(c) for c in cols])
+    r_schema = pa.schema([("id", id_type), ("_root", id_type)])
+    return shuffle(docs_cols.union(roots), "resolve", _K, _resolve, n_docs * (3 * per_id + src_b),
+                   pre=_JoinSide(d_schema, r_schema, "_rep", "_rep"))
 
 
 def _components_distributed(edges: Blocks, parts: int, reducers: int = 0, max_rounds: int = 100) -> Blocks:
@@ -643,8 +714,8 @@ def _components_distributed(edges: Blocks, parts: int, reducers: int = 0, max_ro
     for every non-root node. Rounds are O(log n) (Kiveris et al. 2014)."""
     a = edges.map(lambda t: t.select(["src", "dst"]).rename_columns(["u", "v"]))
     for rnd in range(max_rounds):
-        b = a.shuffle("u", parts, large_star, reducers=reducers, pre=large_star_in)
-        a = b.shuffle("u", parts, small_star, reducers=reducers, pre=small_star_in)
+        b = a.shuffle("u", parts, large_star, reducers=reducers, pre=large_star_in, name="dedup-large-star")
+        a = b.shuffle("u", parts, small_star, reducers=reducers, pre=small_star_in, name="dedup-small-star")
         _, chg = a.count_sum("_chg")
         log.info("dedup: components round %d, %d changed edges", rnd, chg)
         a = a.map(lambda t: t.select(["u", "v"]))

@@ -16,13 +16,15 @@ sentences share few shingles, short enough that a one-word edit changes only ~5 
 Documents shorter than ``ngram`` get one shingle (the whole text); empty ones take part in exact dedup only.
 
 Hashing: shingles are hashed with a polynomial rolling hash over Unicode code points (uint64,
-wrap-around) finalised with splitmix64 -- stable across processes and machines (never Python's salted
-``hash()``); permutation i is ``((a_i * x + b_i) mod (2^61 - 1)) & (2^32 - 1)`` with a_i, b_i < 2^32
-drawn from ``seed`` (datasketch's scheme; a, b, x < 2^32 keep ``a*x+b`` inside uint64 and the
-Mersenne modulus is a shift, a mask and an add). Bands x rows come from :func:`optimal_bands`, the
-minimiser of the weighted false-positive + false-negative areas of the LSH S-curve (datasketch's
-``_optimal_param``; ``threshold=0.8, num_perm=128`` gives 9 bands x 13 rows).
-Cost: ~2.5 ns per (shingle, permutation) on one core, i.e. ~0.3 us per character at num_perm=128.
+wrap-around) finalised with splitmix64 to 32 bits -- stable across processes and machines (never
+Python's salted ``hash()``); permutation i is Dietzfelbinger's multiply-add-shift
+``((a_i * x + b_i) mod 2^64) >> 32`` with 64-bit a_i, b_i drawn from ``seed``: a strongly universal
+(2-independent) family for 32-bit x, the same guarantee as datasketch's ``(a*x+b) mod (2^61-1)``,
+in three passes over uint64 (multiply, add, shift into uint32) where the Mersenne reduction took
+five. Bands x rows come from :func:`optimal_bands`, the minimiser of the weighted false-positive +
+false-negative areas of the LSH S-curve (datasketch's ``_optimal_param``; ``threshold=0.8,
+num_perm=128`` gives 9 bands x 13 rows).
+Cost: ~1.5 ns per (shingle, permutation) on one core, i.e. ~0.2 us per character at num_perm=128.
 Run on a CPU: ``python -c "from polyko.data.minhash import *; print(optimal_bands(0.8, 128))"``.
 """
 
@@ -33,9 +35,7 @@ import math
 
 import numpy as np
 
-_MERSENNE = np.uint64((1 << 61) - 1)
-_MASK32 = np.uint64(0xFFFFFFFF)
-_S61 = np.uint64(61)
+_S32 = np.uint64(32)
 _POLY = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the rolling hash is a bijection per step
 # Shingles per MinHash tile (see MinHasher.signatures).
 _CHUNK = 1 << 12
@@ -139,8 +139,9 @@ class MinHasher:
         self.num_perm, self.ngram, self.bands, self.rows = num_perm, ngram, bands, rows
         self.ignore_spaces = ignore_spaces
         rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)[:, None]
-        self.b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)[:, None]
+        top = np.iinfo(np.uint64).max
+        self.a = rng.integers(1, top, size=num_perm, dtype=np.uint64, endpoint=True)[:, None]
+        self.b = rng.integers(0, top, size=num_perm, dtype=np.uint64, endpoint=True)[:, None]
         self.band_seed = _splitmix64(np.arange(bands, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 20))
 
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -169,24 +170,18 @@ class MinHasher:
         if x.size == 0:
             return sig, counts > 0
         doc_of = np.repeat(np.arange(len(texts)), counts)
-        # In-place uint64 passes over a num_perm x _CHUNK tile that stays in L2 (128 x 4096 x 8 B = 4 MB):
-        # ~7x faster than fresh temporaries; ~2.5 ns per (shingle, permutation) on one core.
+        # In-place passes over a num_perm x _CHUNK tile (128 x 4096 x 8 B = 4 MB), ~7x faster than fresh
+        # temporaries: multiply and add wrap around mod 2^64, the shift keeps the high 32 bits (the
+        # universal part of multiply-add-shift) straight into uint32, where the minima run (half the
+        # bytes of uint64).
         y = np.empty((self.num_perm, _CHUNK), np.uint64)
-        t = np.empty_like(y)
         u32 = np.empty((self.num_perm, _CHUNK), np.uint32)
         for c0 in range(0, x.size, _CHUNK):
             xs, docs = x[c0:c0 + _CHUNK], doc_of[c0:c0 + _CHUNK]
-            yy, tt = y[:, : xs.size], t[:, : xs.size]
-            np.multiply(self.a, xs[None, :], out=yy)  # a*x + b < 2^64 since a, b, x < 2^32
+            yy = y[:, : xs.size]
+            np.multiply(self.a, xs[None, :], out=yy)
             yy += self.b
-            # mod 2^61-1 by folding: (y & p) + (y >> 61) is congruent to y and < p + 8; the final
-            # conditional subtraction is skipped (it matters with probability < 2^-57 per value).
-            # Only the low 32 bits are kept, and the low 32 bits of a sum depend only on the addends'
-            # low 32 bits, which '& p' does not touch: so (y + (y >> 61)) mod 2^32 is the same value,
-            # one pass fewer, and the minima run over uint32 (half the bytes of uint64).
-            np.right_shift(yy, _S61, out=tt)
-            yy += tt
-            np.copyto(u32[:, : xs.size], yy, casting="unsafe")  # truncation = & (2^32 - 1)
+            np.right_shift(yy, _S32, out=u32[:, : xs.size], casting="unsafe")
             cuts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
             mins = np.minimum.reduceat(u32[:, : xs.size], cuts, axis=1).T
             d = docs[cuts]  # unique within the chunk (each text's shingles are contiguous)

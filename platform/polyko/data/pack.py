@@ -22,8 +22,8 @@ How (GPT-NeoX / Megatron-style packing, distributed and deterministic):
    ``< seq_len`` tokens of each source's stream in a chunk are dropped (``tokens_dropped``: at most
    seq_len-1 per source per chunk, ~0.003% per source at the defaults; documents are never split
    across chunks, so chunks need no coordination).
-   **Validation split** (``validation_share > 0``): a document is held out when the 64-bit BLAKE2b
-   hash of its unique ``key`` is below ``validation_share * 2**64`` (independent of order, cluster
+   **Validation split** (``validation_share > 0``): a document is held out when the 64-bit hash
+   of its unique ``key`` (:func:`holdout_hashes`) is below ``validation_share * 2**64`` (independent of order, cluster
    and the other documents), and -- so a source of at least ``validation_min_docs`` documents never
    ends with an empty validation set -- also the document of smallest hash of each such source
    (a driver pre-pass over the ``key``/``source`` columns only). Held-out documents go, packed the
@@ -59,32 +59,64 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from polyko.data.minhash import _splitmix64
 from polyko.data.shards import MANIFEST, is_remote, read_manifest, shard_name, token_dtype, write_manifest, write_shard
 
 PARTS_DIR = ".parts"
 ENDOFTEXT = "<|endoftext|>"
-# Bump when the packed layout changes (2: rows of one source each, optional validation split):
+# Bump when the packed layout changes (2: rows of one source each, optional validation split;
+# 3: integer keys split by a salted splitmix64, not BLAKE2b of their text):
 # it is part of pack_key, so an older cache is re-packed rather than reused.
-PACK_LAYOUT = 2
+PACK_LAYOUT = 3
 _VAL_SALT = b"polyko-validation-v1"
 
 
-# the salted state, copied per key: 0.5 us instead of 1.2 us for a fresh salted blake2b (it runs
-# once per document in the driver's forced-holdout pre-pass and again in the pack actors)
+# the salted state, copied per key: 0.5 us instead of 1.2 us for a fresh salted blake2b
 _VAL_BASE = hashlib.blake2b(digest_size=8, salt=_VAL_SALT[:16])
+# the salt of integer keys: the first 8 bytes of the salt's own BLAKE2b
+_VAL_SALT64 = np.uint64(int.from_bytes(hashlib.blake2b(_VAL_SALT, digest_size=8).digest(), "little"))
+
+
+def holdout_hashes(keys: Any) -> np.ndarray:
+    """The 64-bit hashes (uint64, one per key) that decide the documents' split. Integer keys -- the
+    pipeline's (file, offset) keys -- go through splitmix64 of the key xor a salt, vectorised (~10 ns a
+    key: it runs for every document in the driver's forced-holdout pre-pass and in the pack actors,
+    where a BLAKE2b per key cost ~1.5 us, 10 s of serial driver time per 10M documents); any other
+    key through a salted BLAKE2b of its text."""
+    arr = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if not isinstance(arr, pa.Array):
+        arr = pa.array(list(arr))
+    if pa.types.is_integer(arr.type) and arr.null_count == 0:
+        wide = pa.uint64() if pa.types.is_unsigned_integer(arr.type) else pa.int64()
+        x = arr.cast(wide).to_numpy(zero_copy_only=False).view(np.uint64)
+        return _splitmix64(x ^ _VAL_SALT64)
+    out = np.empty(len(arr), np.uint64)
+    for i, k in enumerate(arr.to_pylist()):
+        h = _VAL_BASE.copy()
+        h.update(str(k).encode("utf-8"))
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
 
 
 def holdout_hash(key: Any) -> int:
-    """The 64-bit hash that decides a document's split (BLAKE2b of its key's text, salted)."""
-    h = _VAL_BASE.copy()
-    h.update(str(key).encode("utf-8"))
-    return int.from_bytes(h.digest(), "little")
+    """:func:`holdout_hashes` of one key."""
+    return int(holdout_hashes(pa.array([key]))[0])
 
 
 def holdout_threshold(share: float) -> int:
     """Documents with ``holdout_hash(key) < holdout_threshold(share)`` are validation documents."""
-    return min(1 << 64, int(share * (1 << 64)))
+    return min((1 << 64) - 1, int(share * (1 << 64)))
+
+
+def _source_codes(col: Any) -> tuple[np.ndarray, list[str]]:
+    """(code per row, name per code) of a source column; a null or empty source is "unknown"."""
+    enc = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+    names = [s or "unknown" for s in enc.dictionary.to_pylist()]
+    codes = pc.fill_null(enc.indices, len(names)).to_numpy(zero_copy_only=False)
+    return codes, names + ["unknown"]
 
 
 def forced_holdouts(files: list[Path], key_column: str, source_column: str, share: float,
@@ -94,7 +126,7 @@ def forced_holdouts(files: list[Path], key_column: str, source_column: str, shar
     the key and source columns (a few bytes per document)."""
     import pyarrow.parquet as pq
 
-    thr = holdout_threshold(share)
+    thr = np.uint64(holdout_threshold(share))
     best: dict[str, tuple[int, str]] = {}
     count: Counter[str] = Counter()
     hit: set[str] = set()
@@ -105,17 +137,21 @@ def forced_holdouts(files: list[Path], key_column: str, source_column: str, shar
             raise ValueError(f"{f}: no {key_column!r} column to split validation documents by (columns: {names})")
         cols = [key_column] + ([source_column] if source_column in names else [])
         for batch in pf.iter_batches(columns=cols, batch_size=65536):
-            keys = batch.column(key_column).to_pylist()
-            srcs = batch.column(source_column).to_pylist() if len(cols) > 1 else [None] * len(keys)
-            for k, s in zip(keys, srcs):
-                s = s or "unknown"
-                h = holdout_hash(k)
-                count[s] += 1
-                if h < thr:
+            keys = batch.column(key_column)
+            h = holdout_hashes(keys)
+            codes, srcs = (_source_codes(batch.column(source_column)) if len(cols) > 1
+                           else (np.zeros(len(h), np.int64), ["unknown"]))
+            for c in np.unique(codes):
+                rows = np.flatnonzero(codes == c)
+                s, hs = srcs[c], h[rows]
+                count[s] += rows.size
+                if (hs < thr).any():
                     hit.add(s)
+                lo = hs.min()
+                cand = min(str(keys[int(i)].as_py()) for i in rows[hs == lo])
                 b = best.get(s)
-                if b is None or (h, str(k)) < b:
-                    best[s] = (h, str(k))
+                if b is None or (int(lo), cand) < b:
+                    best[s] = (int(lo), cand)
     return sorted(best[s][1] for s in best if count[s] >= min_docs and s not in hit)
 
 
@@ -234,22 +270,26 @@ class ChunkPacker:
         self.parts_dir, self.seq_len = Path(parts_dir), seq_len
         self.rows_per_shard = max(1, shard_tokens // seq_len)
         self.text_column, self.source_column, self.batch_size = text_column, source_column, batch_size
-        self.key_column, self.threshold = key_column, holdout_threshold(validation_share)
+        self.key_column, self.threshold = key_column, np.uint64(holdout_threshold(validation_share))
         self.split = validation_share > 0
-        self.forced = frozenset(forced_keys)
+        self.forced = pa.array(sorted(forced_keys), pa.string())
         # encode_batch_fast releases the GIL: ``threads`` batches are encoded at once (the Rust pool
         # stays off, TOKENIZERS_PARALLELISM=false); results are consumed in batch order, so the
         # output does not depend on the thread count
         self.threads = max(1, min(int(threads), os.cpu_count() or 1))
 
     def _encode_batches(self, batches, pool):
-        """(batch, texts, kept indices, encodings) in order; with a ``pool``, ``threads`` batches are
-        encoded concurrently."""
+        """(batch, UTF-8 bytes of the kept documents, kept row indices, encodings) in order; with a
+        ``pool``, ``threads`` batches are encoded concurrently."""
         def enc(b):
-            texts = b.column(self.text_column).to_pylist()
-            keep = [i for i, t in enumerate(texts) if t]
-            return b, texts, keep, (self.tok.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)
-                                    if keep else [])
+            col = b.column(self.text_column)
+            nbytes = pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)  # UTF-8 bytes
+            keep = np.flatnonzero(nbytes > 0)  # null and empty documents are skipped
+            texts = col.to_pylist()
+            if keep.size < len(texts):
+                texts = [texts[i] for i in keep]
+            return b, nbytes[keep], keep, (self.tok.encode_batch_fast(texts, add_special_tokens=False)
+                                           if keep.size else [])
 
         if pool is None:
             yield from map(enc, batches)
@@ -298,24 +338,36 @@ class ChunkPacker:
                     raise ValueError(f"{path}: no {self.key_column!r} column to split validation documents by")
                 cols.append(self.key_column)
             batches = pf.iter_batches(batch_size=self.batch_size, row_groups=row_groups, columns=cols)
-            for batch, texts, keep, encodings in self._encode_batches(batches, pool):
-                sources = batch.column(self.source_column).to_pylist() if has_src else ["unknown"] * len(texts)
-                keys = batch.column(self.key_column).to_pylist() if self.split else None
-                skipped += len(texts) - len(keep)
-                if not keep:
+            for batch, nbytes, keep, encodings in self._encode_batches(batches, pool):
+                skipped += batch.num_rows - keep.size
+                if not keep.size:
                     continue
+                # one flat token array for the batch; each group below is a mask over it (per document
+                # Python work is only the ids lists the tokenizer hands back)
                 ids = [e.ids for e in encodings]
+                counts = np.fromiter(map(len, ids), np.int64, len(ids))
+                flat = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(counts.sum()))
+                codes, srcs = (_source_codes(batch.column(self.source_column).take(keep)) if has_src
+                               else (np.zeros(keep.size, np.int64), ["unknown"]))
+                held = np.zeros(keep.size, bool)
+                if self.split:
+                    kcol = batch.column(self.key_column).take(keep)
+                    held = holdout_hashes(kcol) < self.threshold
+                    if len(self.forced):
+                        held |= pc.is_in(kcol.cast(pa.string()), value_set=self.forced).to_numpy(zero_copy_only=False)
                 # group the batch's documents per (split, source), keeping their order
-                groups: dict[tuple[bool, str], list[int]] = {}
-                for j, i in enumerate(keep):
-                    ids[j].append(self.eos)
-                    held = self.split and (holdout_hash(keys[i]) < self.threshold or str(keys[i]) in self.forced)
-                    groups.setdefault((held, sources[i] or "unknown"), []).append(j)
-                for (held, src), js in sorted(groups.items()):
-                    n = sum(len(ids[j]) for j in js)
-                    flat = np.fromiter(itertools.chain.from_iterable(ids[j] for j in js), dtype=self.dtype, count=n)
-                    nbytes = sum(len(texts[keep[j]].encode("utf-8")) for j in js)
-                    (val if held else train).add(src, flat, len(js), nbytes)
+                groups: dict[tuple[bool, str], np.ndarray] = {}
+                for g in np.unique(held * len(srcs) + codes):
+                    h, c = divmod(int(g), len(srcs))
+                    m = (held == bool(h)) & (codes == c)
+                    key = (bool(h), srcs[c])
+                    groups[key] = m if key not in groups else groups[key] | m
+                for (is_held, src), m in sorted(groups.items()):
+                    whole = len(groups) == 1
+                    sub, n = (flat, counts) if whole else (flat[np.repeat(m, counts)], counts[m])
+                    # <|endoftext|> after every document
+                    sub = np.insert(sub, np.cumsum(n), np.asarray(self.eos, self.dtype))
+                    (val if is_held else train).add(src, sub, int(n.size), int(nbytes[m].sum()))
         t, v = train.finish(), val.finish()
         return {"index": index, "files": sorted({p for p, _ in chunk}),
                 "documents": sum(train.docs.values()), "documents_skipped_empty": skipped,

@@ -54,6 +54,7 @@ from polyko.data.clean import PII_KINDS, CleanConfig, clean_text, fast_decisions
 from polyko.data.decontam import DecontamConfig
 from polyko.data.dedup import DedupConfig
 from polyko.data.io import SCHEMA, ReadConfig, list_splits, read_batch
+from polyko.data.shuffle import release_heap
 from polyko.data.shards import is_remote
 
 log = logging.getLogger(__name__)
@@ -133,31 +134,27 @@ def clean_batch(t: pa.Table, cfg: CleanConfig) -> pa.Table:
     one by one, with identical results. A document that makes the cleaner raise is quarantined as
     ``clean_error`` (the batch goes on).
     """
+    import numpy as np
+
     texts = t.column("text").to_pylist()
-    bad = t.column("bad").to_pylist()
+    is_bad = pc.is_valid(t.column("bad")).to_numpy(zero_copy_only=False)
     n = len(texts)
-    out: list[str | None] = [None] * n
-    kind = ["kept"] * n
-    reason = ["kept"] * n
-    bytes_out = [0] * n
-    pii = {k: [0] * n for k in PII_KINDS}
     # most documents are settled for the whole batch at once (unchanged text, no PII, reason from
-    # vectorised counts); the rest go through clean_text one by one
-    decided, fast_reason = fast_decisions([None if b is not None else x for x, b in zip(texts, bad)], cfg)
-    if decided.any():
-        nbytes = pc.binary_length(t.column("text")).to_pylist()
-    for i in range(n):
-        if bad[i] is not None:
-            kind[i], reason[i] = "bad", bad[i]
-            continue
-        if decided[i]:
-            r_ = fast_reason[i]
-            if r_ is None:
-                out[i] = texts[i]
-                bytes_out[i] = nbytes[i]
-            else:
-                kind[i], reason[i] = "filter", r_
-            continue
+    # vectorised counts); the rest go through clean_text one by one. The per-row bookkeeping of the
+    # settled ones is numpy too (a Python pass over every row cost ~10 % of the stage).
+    decided, fast_reason = fast_decisions([None if b else x for x, b in zip(texts, is_bad)], cfg)
+    decided &= ~is_bad
+    reason = np.array(["kept"] * n, dtype=object)
+    reason[is_bad] = t.column("bad").filter(pa.array(is_bad)).to_numpy(zero_copy_only=False)
+    fr = np.array(fast_reason, dtype=object)
+    filtered = decided & (fr != None)  # noqa: E711 -- elementwise
+    reason[filtered] = fr[filtered]
+    kind = np.where(is_bad, "bad", np.where(filtered, "filter", "kept")).astype(object)
+    keep_text = decided & ~filtered  # unchanged text, kept
+    bytes_out = np.where(keep_text, pc.fill_null(pc.binary_length(t.column("text")), 0).to_numpy(), 0).astype(np.int64)
+    out: list[str | None] = [x if k else None for x, k in zip(texts, keep_text)]
+    pii = {k: np.zeros(n, np.int64) for k in PII_KINDS}
+    for i in np.flatnonzero(~decided & ~is_bad).tolist():
         try:
             r = clean_text(texts[i], cfg)
             if r.text is not None:
@@ -174,11 +171,12 @@ def clean_batch(t: pa.Table, cfg: CleanConfig) -> pa.Table:
         for k, c in r.pii.items():
             pii[k][i] = c
     t = t.set_column(t.schema.get_field_index("text"), "text", pa.array(out, pa.string()))
-    t = t.append_column("kind", pa.array(kind, pa.string()))
-    t = t.append_column("reason", pa.array(reason, pa.string()))
+    t = t.append_column("kind", pa.array(kind.tolist(), pa.string()))
+    t = t.append_column("reason", pa.array(reason.tolist(), pa.string()))
     t = t.append_column("bytes_out", pa.array(bytes_out, pa.int64()))
     for k in PII_KINDS:
         t = t.append_column(f"pii_{k}", pa.array(pii[k], pa.int64()))
+    release_heap()
     return t
 
 
@@ -519,13 +517,18 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
         # one read task per intermediate file; the schema is passed on, so deduplicate runs no block
         # to learn it
         kept, kept_schema = read_docs(out, docs, ["key", "id", "text", "source"], kinds=("kept",))
-        # keyed by the reader's unique key, never by the input ids (which collide across inputs)
-        survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="key", schema=kept_schema)
+        # keyed by the reader's unique key, never by the input ids (which collide across inputs); the
+        # key table goes to disk beside the intermediate files, not into the object store
+        keys_stage = f".stages/dedup-{hashes['dedup']}"
+        out.rm(keys_stage)
+        survivors, removed = deduplicate(kept, cfg.dedup, text_column="text", id_column="key", schema=kept_schema,
+                                         keys_dir=out.path(keys_stage))
         # one file per intermediate file (no min_rows_per_file: Ray Data meets it by bundling the
         # fused operator's input rows, here file paths, into one write task)
         sink = counting_parquet_sink(out.path("cleaned"), ["source"], ["bytes"], extra=_with_bytes)
         survivors.select_columns(["key", "id", "text", "source"]).write_datasink(sink)
         out_stats = sink.counts  # documents/bytes out per source, counted by the write tasks
+        out.rm(keys_stage)
         timings["dedup_write_s"] = round(time.time() - t0, 3)
         t0 = time.time()
         dedup_stats = grouped_counts(removed.select_columns(["source", "kind"]), ["source", "kind"], [])
