@@ -158,3 +158,24 @@ def test_block_fast_path_bad_lines_quarantined_identically(tmp_path, corpus_dir)
     assert fast == slow
     reasons = {r["bad"] for t in fast for r in t if r["bad"]}
     assert {"malformed_json", "missing_field", "invalid_utf8", "nul_byte"} <= reasons
+
+
+def test_group_splits_by_bytes_and_min_tasks():
+    """Read tasks take consecutive splits up to read.task_bytes, or 1/min_tasks of a small input; a
+    split larger than the target is a group of its own; order and membership are the listing's."""
+    from polyko.data.io import group_splits
+
+    splits = [{"path": f"f{i}", "start": 0, "end": -1, "size": size} for i, size in
+              enumerate([5, 5, 5, 40, 5, 5, 5, 5, 5, 5])]
+    for cfg, sizes in ((ReadConfig(task_bytes=15, min_tasks=1), [[5, 5, 5], [40], [5, 5, 5], [5, 5, 5]]),
+                       (ReadConfig(task_bytes=1000, min_tasks=4), [[5, 5, 5], [40], [5, 5, 5, 5], [5, 5]]),
+                       (ReadConfig(task_bytes=0), [[s["size"]] for s in splits]),
+                       (ReadConfig(task_bytes=100, min_tasks=10), [[s["size"]] for s in splits]),
+                       (ReadConfig(task_bytes=100, min_tasks=1), [[5, 5, 5, 40, 5, 5, 5, 5, 5, 5]])):
+        groups = group_splits(splits, cfg)
+        assert [[s["size"] for s in g] for g in groups] == sizes
+        assert [s for g in groups for s in g] == splits
+    ranged = [{"path": "big", "start": s, "end": s + 10, "size": 30} for s in (0, 10, 20)]
+    assert [len(g) for g in group_splits(ranged, ReadConfig(task_bytes=20, min_tasks=1))] == [2, 1]
+    with pytest.raises(ValueError, match="min_tasks"):
+        ReadConfig(min_tasks=0)

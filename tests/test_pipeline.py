@@ -75,16 +75,17 @@ def test_outputs_and_totals(finished, inputs):
     assert stats["timings_s"]["total_s"] > 0
 
 
-def test_one_intermediate_file_per_split_so_dedup_runs_in_parallel(finished, inputs):
-    """Every input split is its own read+clean task and intermediate file, and the dedup stage reads
-    one file per task: a minimum file size (Ray Data meets it by bundling the write operator's input
-    rows, the splits) or Ray's 128 MiB Parquet read bins put a whole small corpus on one core."""
-    from polyko.data.io import list_splits
+def test_one_intermediate_file_per_read_task_so_dedup_runs_in_parallel(finished, inputs):
+    """Every group of splits (read.task_bytes, but at least read.min_tasks groups for a small corpus:
+    here a split each) is its own read+clean task and intermediate file, and the dedup stage reads one
+    file per task: a minimum file size (Ray Data meets it by bundling the write operator's input rows,
+    the splits) or Ray's 128 MiB Parquet read bins put a whole small corpus on one core."""
+    from polyko.data.io import ReadConfig, group_splits, list_splits
 
     out, _ = finished
     splits = list_splits([str(inputs["real"]), str(inputs["bad"]["dir"]), str(inputs["rules"])])
     docs = [f for f in out.glob(".stages/clean-*/docs/*.parquet")]
-    assert len(docs) == len(splits) > 3
+    assert len(docs) == len(group_splits(splits, ReadConfig())) > 3
     cleaned = list((out / "cleaned").glob("*.parquet"))
     assert 3 < len(cleaned) <= len(docs)
 

@@ -572,9 +572,9 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
 
     def group_for(blocks: int, nbytes: float) -> int:
         # input blocks per map task: ~map_bytes of what the shuffle moves each, but at least two map
-        # tasks per CPU. There is one block per input split, so a corpus of many small files has
-        # blocks of ~0.3 MB: at 11M documents of the shared corpus, 4,500 blocks x 100 partitions of
-        # 3 KB pieces, every one held in the driver's heap (3.0 GB; 0.9 GB grouped at 16 MB)
+        # tasks per CPU. Blocks can be small (a block per read batch of each read task's file), and
+        # at 11M documents of the shared corpus a map task per block made 4,500 blocks x 100
+        # partitions of 3 KB pieces, every one held in the driver's heap (3.0 GB; 0.9 GB grouped)
         if not cfg.map_bytes or blocks <= 2 * cpus:
             return 1
         return max(1, min(int(cfg.map_bytes * blocks // max(nbytes, 1)), blocks // (2 * cpus)))

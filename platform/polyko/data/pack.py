@@ -64,6 +64,7 @@ import pyarrow.compute as pc
 
 from polyko.data.minhash import _splitmix64
 from polyko.data.shards import MANIFEST, is_remote, read_manifest, shard_name, token_dtype, write_manifest, write_shard
+from polyko.data.shuffle import release_heap
 
 PARTS_DIR = ".parts"
 ENDOFTEXT = "<|endoftext|>"
@@ -152,6 +153,7 @@ def forced_holdouts(files: list[Path], key_column: str, source_column: str, shar
                 b = best.get(s)
                 if b is None or (int(lo), cand) < b:
                     best[s] = (int(lo), cand)
+    release_heap()  # the driver runs this pass: its read buffers are not kept for the rest of the run
     return sorted(best[s][1] for s in best if count[s] >= min_docs and s not in hit)
 
 

@@ -53,7 +53,7 @@ from polyko.config import config_hash, to_dict
 from polyko.data.clean import PII_KINDS, CleanConfig, clean_text, fast_decisions
 from polyko.data.decontam import DecontamConfig
 from polyko.data.dedup import DedupConfig
-from polyko.data.io import SCHEMA, ReadConfig, list_splits, read_batch
+from polyko.data.io import SCHEMA, ReadConfig, group_splits, list_splits, read_batch
 from polyko.data.shuffle import release_heap
 from polyko.data.shards import is_remote
 
@@ -92,8 +92,8 @@ class PipelineConfig:
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     rows_per_file: int = 100_000
     """Minimum records per Parquet file of DIR/rejected and DIR/contaminated (few, larger files).
-    DIR/cleaned and the intermediate DIR/.stages files hold one file per input split (<=
-    ``read.split_bytes`` of input): the unit of parallelism of the dedup and write tasks."""
+    DIR/cleaned and the intermediate DIR/.stages files hold one file per read task (<=
+    ``read.task_bytes`` of input): the unit of parallelism of the dedup and write tasks."""
     keep_intermediate: bool = False
     """Keep DIR/.stages/clean-*/docs (every record with its fate, ~ the corpus size again) after the
     run; needed only to re-dedup without re-cleaning."""
@@ -461,7 +461,9 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
         out.rm(stage)
         out.rm("rejected")
         t0 = time.time()
-        ds = ray.data.from_items(splits, override_num_blocks=max(1, len(splits)))
+        # one read task per group of consecutive splits (read.task_bytes), not per small file
+        groups = [{"splits": json.dumps(g)} for g in group_splits(splits, cfg.read)]
+        ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
         ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy", fn_kwargs={"cfg": cfg.read})
         ds = ds.map_batches(clean_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.clean})
         if cfg.decontam.benchmarks:
@@ -476,8 +478,8 @@ def _run(cfg: PipelineConfig, out: _Out, splits: list[dict[str, Any]], hashes: d
             ds = ds.map_batches(no_decontam_batch, batch_format="pyarrow", batch_size=None)
         sums = ["bytes_in", "bytes_out", *(f"pii_{k}" for k in PII_KINDS)]
         # the per-source/rule counts come back from the write tasks: no second read of the corpus.
-        # One intermediate file per read split (no min_rows_per_file: Ray Data meets it by bundling
-        # the write operator's INPUT rows -- here the splits -- so 12.5k rows per file put every
+        # One intermediate file per read task (no min_rows_per_file: Ray Data meets it by bundling
+        # the write operator's INPUT rows -- here the split groups -- so 12.5k rows per file put every
         # split of a small corpus into ONE read+clean task and one file, and the dedup stage, which
         # reads a file per task, then ran on one core as well).
         sink = counting_parquet_sink(docs, ["source", "kind", "reason", "bench"], sums)
