@@ -39,8 +39,8 @@ Figures (all measured in this process, on this machine, on the same text):
 * ``cpu_breakdown_s`` per scale: those CPU seconds per process kind (as ``memory_breakdown_mb``), from
   each process's user + system time (/proc/PID/stat) between samples, charged to what its title names
   at the later sample (a worker that went ``ray::IDLE`` in between is charged to its previous task):
-  so the stages' tasks (``ray::MapBatches(read_batch)->...``, ``...(_KeysFn)``, ``ray::_split_hash``,
-  the pack actor's ``.submit``) and Ray's own processes (driver, raylet, gcs_server, agents, Ray Data's
+  so the stages' tasks (``ray::MapBatches(read_batch)->...``, ``...(_KeysFn)``, the dedup shuffles'
+  named steps such as ``ray::dedup-buckets/map``, the pack actor's ``.submit``) and Ray's own processes (driver, raylet, gcs_server, agents, Ray Data's
   ``_StatsActor`` ..., ``ray::IDLE`` = worker start-up and idle polling) side by side; ``[monitor]`` is
   the sampler thread, reported apart from ``driver``.
 * ``peak_rss_mb`` per scale: peak summed RSS of this process and all its descendants (Ray's GCS,
@@ -115,7 +115,7 @@ def process_kind(p, driver_pid: int) -> str:
             return "ray::spill/restore"
         if "(" not in name:  # an actor's "ray::Class.method" / "ray::name:Class.method" -> "ray::Class"
             name = "ray::" + name[5:].split(".")[0].split(":")[-1]
-        return name  # e.g. ray::_split_hash, ray::_reduce, ray::MapBatches(_KeysFn), ray::PackActor
+        return name  # e.g. ray::dedup-exact/map, ray::dedup-buckets/reduce, ray::MapBatches(_KeysFn), ray::PackActor
     base = os.path.basename(head)
     if "raylet" in base:
         return "raylet"

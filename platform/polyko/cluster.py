@@ -39,6 +39,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The driver's lineage budget on a private local cluster (Ray's default: 1 GB).
+LOCAL_LINEAGE_BYTES = 64 << 20
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
              include_dashboard: bool = True, **kwargs):
     """Join ``address``/``$RAY_ADDRESS`` if given, else start a private local cluster.
@@ -56,9 +60,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if address:
         return ray.init(address=address, **kwargs)
+    # Lineage (task specs kept to rebuild lost objects) is of no use on one node -- an object is lost
+    # only with the node, and then so is everything -- but the driver holds up to 1 GB of it by default:
+    # +150 MB over a corpus pipeline run at 11M documents.
+    system = {"max_lineage_bytes": LOCAL_LINEAGE_BYTES, **kwargs.pop("_system_config", {})}
     return ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                     include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-                    dashboard_port=free_port(), **kwargs)
+                    dashboard_port=free_port(), _system_config=system, **kwargs)
 
 
 # --------------------------------------------------------------------------------------- inventory

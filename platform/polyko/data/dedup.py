@@ -177,7 +177,9 @@ class _KeysFn:
             raise ValueError(f"deduplicate: column {self.text!r} has null values; drop or fill them first")
         cols = {"id": batch[self.id]}
         if self.source:
-            cols["source"] = batch[self.source]
+            # dictionary-encoded: every shuffle that carries it moves a 4-byte index, not the name (at
+            # 11M documents ~220 MB less in the object store while the representatives are held)
+            cols["source"] = pc.dictionary_encode(batch[self.source])
         digests = np.frombuffer(b"".join(exact_key(t) for t in texts), dtype=np.uint64).reshape(-1, 2)
         cols["_xk0"], cols["_xk1"] = pa.array(digests[:, 0]), pa.array(digests[:, 1])
         if self.hasher is not None:
@@ -408,8 +410,8 @@ def _resolve_tables(docs: pa.Table, roots: pa.Table) -> pa.Table:
     dup_of = pc.coalesce(root_of_rep, docs["_rep"])
     kind = pc.if_else(near_removed, pa.scalar("near"), pa.scalar("exact"))
     cols = {"id": docs["id"]}
-    if "source" in docs.column_names:
-        cols["source"] = docs["source"]
+    if "source" in docs.column_names:  # back to plain strings: blocks carry differing dictionaries
+        cols["source"] = docs["source"].cast(pa.string())
     cols.update(dup_of=dup_of, kind=kind)
     return pa.table(cols).filter(removed)
 
@@ -633,13 +635,14 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
     red = cfg.reducers
     K = key_table.pop()
     per_id = 8 if pa.types.is_integer(id_type) else 32  # bytes per id (strings: a guess for the estimate)
-    src_b = 24 if source else 0  # a short source name plus its offset
+    src_b = 4 if source else 0  # the source's dictionary index
 
     def shuffle(b: Blocks, name: str, key: str, fn, nbytes: float, pre=None, columns=None) -> Blocks:
         return b.shuffle(key, parts_for(nbytes), fn, reducers=red, pre=pre, group=group_for(len(b.refs), nbytes),
                          name=f"dedup-{name}", columns=columns)
 
-    m_schema = pa.schema([("id", id_type), ("_rep", id_type)] + ([("source", pa.string())] if source else []))
+    m_schema = pa.schema([("id", id_type), ("_rep", id_type)]
+                         + ([("source", pa.dictionary(pa.int32(), pa.string()))] if source else []))
     cols = ["id", "_rep"] + (["source"] if source else [])
 
     # 2. exact: only id, the 128-bit hash and source travel -> (id, _rep[, source]) for every document
