@@ -131,3 +131,19 @@ def test_holdout_hashes_vectorised_and_unbiased():
     assert np.array_equal(holdout_hashes(pa.chunked_array([keys[:7], keys[7:]])), h)
     salted = hashlib.blake2b(b"klue:3", digest_size=8, salt=b"polyko-validation-v1"[:16]).digest()
     assert holdout_hash("klue:3") == int.from_bytes(salted, "little")
+
+
+def test_validation_with_less_than_a_row_is_none(tmp_path, corpus_dir, polyglot_tokenizer_dir):
+    """Held-out documents shorter than one row per source pack into no shard at all (a small corpus, as
+    the quickstart's): the validation set is then None, and an empty shard set has length 0 (an int)."""
+    rows = _docs(corpus_dir)
+    (tmp_path / "cleaned").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cleaned" / "part-0.parquet")
+    data = tmp_path / "data"
+    pack_corpus(tmp_path / "cleaned", polyglot_tokenizer_dir, data / "tokens", validation_dir=data / "validation",
+                seq_len=8192, shard_tokens=8192 * 4, workers=0, validation_share=SHARE, validation_min_docs=0)
+    vm = read_manifest(data / "validation")
+    assert vm["shards"] == [] and vm["documents"] > 0 and vm["tokens_dropped"] > 0
+    assert len(TokenShards(data / "validation")) == 0
+    assert open_validation(str(data), str(polyglot_tokenizer_dir)) is None
+    assert len(TokenShards(data / "tokens")) > 0
