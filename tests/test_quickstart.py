@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end(tmp_path):
+def test_quickstart_end_to_end(tmp_path, monkeypatch):
     work = tmp_path / "qs"
     env = dict(os.environ, POLYKO_WORK_DIR=str(work))
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -47,6 +47,9 @@ def test_quickstart_end_to_end(tmp_path):
     from polyko import tracking
 
     os.environ["POLYKO_WORK_DIR"] = str(work)
+    # the quickstart ran without MLFLOW_TRACKING_URI (its own sqlite store); a session's MLflow server
+    # fixture may have set it in this process
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
         mlflow.set_tracking_uri(tracking.tracking_uri())
         lineage = tracking.lineage(hf)
