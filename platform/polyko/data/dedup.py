@@ -663,7 +663,7 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
         per_band = n_docs * (8 + per_id)
         rounds = min(b, max(1, math.ceil(b * per_band / cfg.bucket_round_bytes))) if cfg.bucket_round_bytes else 1
         parts = []
-        for r, sel in enumerate(np.array_split(np.arange(b), rounds)):
+        for sel in np.array_split(np.arange(b), rounds):
             if parts:
                 ray.wait(parts[-1].refs, num_returns=len(parts[-1].refs), fetch_local=False)
             parts.append(shuffle(K, "buckets", "_bucket", _star_edges, len(sel) * per_band,

@@ -103,7 +103,7 @@ class TokenShards:
         counts = [s["num_sequences"] for s in self.manifest["shards"]]
         # global index of each shard's row 0 (ints even with no shard: a validation set whose sources held
         # less than a row each has none, and len() must then be 0, not 0.0)
-        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64).tolist()
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
         self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:

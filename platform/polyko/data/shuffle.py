@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from polyko.data.minhash import _splitmix64
+from polyko.data.minhash import int_hashes
 
 
 def partition_of(col: pa.ChunkedArray | pa.Array, parts: int) -> np.ndarray:
@@ -41,9 +41,7 @@ def partition_of(col: pa.ChunkedArray | pa.Array, parts: int) -> np.ndarray:
     if len(col) == 0:
         return np.zeros(0, np.int64)
     if pa.types.is_integer(col.type):
-        wide = pa.uint64() if pa.types.is_unsigned_integer(col.type) else pa.int64()
-        x = col.cast(wide).to_numpy(zero_copy_only=False).view(np.uint64)
-        return (_splitmix64(x) % np.uint64(parts)).astype(np.int64)
+        return (int_hashes(col) % np.uint64(parts)).astype(np.int64)
     enc = pc.dictionary_encode(col)
     words = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in enc.dictionary.to_pylist()]
     h = np.array([int.from_bytes(hashlib.blake2b(w, digest_size=8).digest(), "little") for w in words],
