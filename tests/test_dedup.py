@@ -328,14 +328,16 @@ def test_split_partitions_many_blocks_equal_reference(ray_local, news, map_bytes
     map_bytes=0: a map task per block, so each of the 16 partitions is 96 pieces; the default groups the
     small blocks into a few map tasks, several blocks per piece) and several partitions per reduce
     block (16 partitions on 3 reducers), through the distributed components too: exactly the
-    single-process reference. ``on_disk``: the key table as Parquet files (``keys_dir``) and the
-    bucket shuffle in rounds of a few bands (``bucket_round_bytes`` far below 4,500 docs x 9 bands)."""
+    single-process reference. ``on_disk``: the key table and the representatives as Parquet files
+    (``keys_dir``), and the bucket shuffle in rounds of a few bands (``bucket_round_bytes`` far below
+    4,500 docs x 9 bands)."""
     cfg = DedupConfig(local_max_docs=0, num_partitions=16, reducers=3, cc_local_max_edges=0, drop_chunk_rows=300,
                       map_bytes=map_bytes, bucket_round_bytes=200_000 if on_disk else 256 << 20)
     keys_dir = str(tmp_path / "keys") if on_disk else None
     kept, rem = _run(news[:3000] + news[3000:3000 + 1500], cfg, blocks=96, keys_dir=keys_dir)
-    if on_disk:
+    if on_disk:   # the key table (a file per block) and the representatives (a file per exact reducer)
         assert len(list((tmp_path / "keys").glob("*.parquet"))) == 96
+        assert len(list((tmp_path / "keys" / "representatives").glob("*.parquet"))) == 3
     assert rem == _reference(news[:4500], cfg)
     assert sum(k == "near" for _, k in rem.values()) > 100
     # the range-chunked kept filter (drop_chunk_rows=300: several chunks) drops exactly the removed ids

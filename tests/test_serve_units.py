@@ -256,7 +256,8 @@ def test_engine_returns_freed_heap_memory_between_steps(tiny_hf_checkpoint):
     import time
 
     from polyko.serve.config import EngineConfig
-    from polyko.serve.engine import HFEngine, malloc_trim
+    from polyko.heap import malloc_trim
+    from polyko.serve.engine import HFEngine
 
     assert malloc_trim() is not None   # glibc (Linux): the trim is real here, not skipped
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

@@ -71,7 +71,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -81,7 +81,8 @@ from polyko.data.components import (components_local, encode as _encode, large_s
                                     np_col as _np, run_starts as _run_starts, small_star, small_star_in)
 from polyko.data.minhash import (MinHasher, exact_canonical, exact_key, jaccard, near_canonical,  # noqa: F401
                                  optimal_bands, shingles)
-from polyko.data.shuffle import Blocks, concat, release_heap
+from polyko.data.shuffle import Blocks, OnDisk, concat, write_block
+from polyko.heap import release_heap
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -195,22 +196,13 @@ class _KeysFn:
 class _WriteBlock:
     """Writes each block to its own Parquet file under ``root`` and returns one row (``path``,
     ``rows``, ``bytes`` in memory) per block: a table that then lives on disk, not in the object store
-    (:func:`polyko.data.shuffle.load` reads it back). Names are random: a retried task writes anew."""
+    (:func:`polyko.data.shuffle.load` reads it back)."""
 
     def __init__(self, root: str):
-        self.root = root.rstrip("/")
+        self.root = root
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        import uuid
-
-        import fsspec
-        import pyarrow.parquet as pq
-
-        path = ""
-        if block.num_rows:
-            path = f"{self.root}/part-{uuid.uuid4().hex}.parquet"
-            with fsspec.open(path, "wb") as f:
-                pq.write_table(block, f, compression="none")  # band hashes are random: nothing to gain
+        path = write_block(block, self.root) if block.num_rows else ""
         return pa.table({"path": [path], "rows": [block.num_rows], "bytes": [block.nbytes]})
 
 
@@ -525,8 +517,10 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     the input's order. ``schema``: the input's schema when the caller knows it (a dataset made by a
     ``map_batches`` UDF would otherwise run a block just to find its columns). ``keys_dir``: a
     directory (local path or fsspec URI every node reaches) that the key table is written to as one
-    Parquet file per block, read back by the tasks that use it; None holds it in the object store
-    (~115 B/doc: 1.3 GB at 11M documents). Files of an earlier call there are ignored, not read."""
+    Parquet file per block, read back by the tasks that use it, and so is the distributed path's
+    representatives table (~20 B/doc, held from the exact shuffle to the resolution); None holds both
+    in the object store (~115 B/doc: 1.3 GB at 11M documents). Files of an earlier call there are
+    ignored, not read."""
     import ray
 
     if not (cfg.exact or cfg.near):
@@ -607,8 +601,8 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
         # handed over in a list and dropped here (with the materialised dataset), so the key table
         # is freed once its first shuffle read it
         box, K, keys = [K], None, None
-        removed = _distributed(ds, box, cfg, parts_for, group_for, n_docs, key_bytes, id_type, bool(source), text_column,
-                               id_column, schema.field(text_column).type)
+        removed = _distributed(ds, box, cfg, parts_for, group_for, n_docs, key_bytes, id_type, bool(source),
+                               text_column, id_column, schema.field(text_column).type, keys_dir)
     removed_ds = removed.to_dataset()
     n_removed = removed.count()
     log.info("dedup: %d of %d docs removed in %.1f s", n_removed, n_docs, time.perf_counter() - t0)
@@ -620,14 +614,15 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
 
 def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_docs: int, key_bytes: int,
                  id_type: pa.DataType, source: bool, text_column: str, id_column: str,
-                 text_type: pa.DataType) -> Blocks:
+                 text_type: pa.DataType, keys_dir: str | None = None) -> Blocks:
     """Steps 2-6 as shuffles (see the module docstring). ``key_table`` is a one-element list holding the
     key table's Blocks (~130 B/doc: id, source, 128-bit hash, band hashes; no signatures), popped here.
     The key table is held ONCE, in the input's block order, and never shuffled whole: the exact
     shuffle moves only (id, hash, source); the bucket shuffle's map tasks read the band hashes straight
     from it, dropping the exact duplicates by a range-chunked anti-join; verification recomputes the
     signatures of the candidate pairs' ends only (:class:`_EndSigs`). It is released once those map
-    tasks are submitted. (Carrying 512 B/doc of signatures through the exact shuffle, the
+    tasks are submitted. With ``keys_dir``, the representatives table of step 2 (held until step 6)
+    is written under it as well. (Carrying 512 B/doc of signatures through the exact shuffle, the
     representatives and twice through the joins held 2-3 copies of ~620 B/doc at a time: 2 GB of
     object store and 4.7 GB spilled at 1.4M documents.)"""
     import ray
@@ -645,13 +640,18 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
                          + ([("source", pa.dictionary(pa.int32(), pa.string()))] if source else []))
     cols = ["id", "_rep"] + (["source"] if source else [])
 
-    # 2. exact: only id, the 128-bit hash and source travel -> (id, _rep[, source]) for every document
+    # 2. exact: only id, the 128-bit hash and source travel -> (id, _rep[, source]) for every document;
+    # on disk with keys_dir: held from here to step 6, it would sit in the store under every later
+    # step's pieces (~20 B/doc, ~220 MB at 11M documents)
+    def held(fn: Callable) -> Callable:
+        return OnDisk(fn, f"{keys_dir.rstrip('/')}/representatives") if keys_dir else fn
+
     if cfg.exact:
         xcols = ["id", "_xk0", "_xk1"] + (["source"] if source else [])
-        docs_cols = shuffle(K, "exact", "_xk0", lambda t: _mark_exact(t).select(cols), n_docs * (per_id + 16 + src_b),
-                            columns=xcols)
+        docs_cols = shuffle(K, "exact", "_xk0", held(lambda t: _mark_exact(t).select(cols)),
+                            n_docs * (per_id + 16 + src_b), columns=xcols)
     else:
-        docs_cols = K.map(lambda t: _no_exact(t.select(["id"] + (["source"] if source else []))).select(cols))
+        docs_cols = K.map(held(lambda t: _no_exact(t.select(["id"] + (["source"] if source else []))).select(cols)))
 
     # 3-5. near: LSH buckets -> candidate edges -> verified -> connected components
     roots = None
@@ -706,6 +706,10 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
     # 6. resolve dup_of to the surviving id
     if roots is None:
         return docs_cols.map(_resolve)
+    # submitted once the roots exist: else its map tasks partition the representatives (~20 B/doc)
+    # while the joins' pieces still fill the store, and the two add up (the store's high-water mark
+    # at 11M documents: 317 -> 657 MB while attach-* and resolve/map ran side by side)
+    ray.wait(roots.refs, num_returns=len(roots.refs), fetch_local=False)
     d_schema = pa.schema([m_schema.field(c) for c in cols])
     r_schema = pa.schema([("id", id_type), ("_root", id_type)])
     return shuffle(docs_cols.union(roots), "resolve", _K, _resolve, n_docs * (3 * per_id + src_b),

@@ -64,7 +64,7 @@ import pyarrow.compute as pc
 
 from polyko.data.minhash import int_hashes
 from polyko.data.shards import MANIFEST, is_remote, read_manifest, shard_name, token_dtype, write_manifest, write_shard
-from polyko.data.shuffle import release_heap
+from polyko.heap import release_heap
 
 PARTS_DIR = ".parts"
 ENDOFTEXT = "<|endoftext|>"

@@ -54,8 +54,8 @@ from polyko.data.clean import PII_KINDS, CleanConfig, clean_text, fast_decisions
 from polyko.data.decontam import DecontamConfig
 from polyko.data.dedup import DedupConfig
 from polyko.data.io import SCHEMA, ReadConfig, group_splits, list_splits, read_batch
-from polyko.data.shuffle import release_heap
 from polyko.data.shards import is_remote
+from polyko.heap import release_heap
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from polyko.data.minhash import int_hashes
+from polyko.heap import release_heap
 
 
 def partition_of(col: pa.ChunkedArray | pa.Array, parts: int) -> np.ndarray:
@@ -63,12 +64,31 @@ def load(block: Any, columns: list[str] | None = None) -> pa.Table:
     return block if columns is None else block.select(columns)
 
 
-def release_heap() -> None:
-    """Return the Arrow allocator's freed pages to the OS (~0.2 ms). A Ray worker outlives its tasks,
-    and Arrow's allocator (mimalloc) keeps what a task freed until the process allocates again (a
-    task that sorted a 10M-row table left 0.85 GB resident in its idle worker). Called at the end of
-    every shuffle task and dedup/clean UDF call."""
-    pa.default_memory_pool().release_unused()
+def write_block(table: pa.Table, root: str) -> str:
+    """Write ``table`` to a new Parquet file under ``root`` (local path or fsspec URI) and return its
+    path, which :func:`load` reads back. Names are random: a retried task writes anew, never over a
+    file another attempt may still be read from."""
+    import uuid
+
+    import fsspec
+    import pyarrow.parquet as pq
+
+    path = f"{root.rstrip('/')}/part-{uuid.uuid4().hex}.parquet"
+    with fsspec.open(path, "wb", auto_mkdir=True) as f:
+        pq.write_table(table, f, compression="none")  # ids and hashes: little to gain, CPU to lose
+    return path
+
+
+class OnDisk:
+    """A reduce function whose table goes to a Parquet file under ``root`` (:func:`write_block`)
+    instead of the object store: for a table held across later steps, whose store pages would
+    otherwise stay resident for the rest of the run (the store's high-water mark)."""
+
+    def __init__(self, fn: Callable, root: str):
+        self.fn, self.root = fn, root
+
+    def __call__(self, table: pa.Table) -> str:
+        return write_block(self.fn(table), self.root)
 
 
 def _split_hash(key: str, parts: int, pre: Callable | None, columns: list[str] | None, *tables: Any) -> Any:

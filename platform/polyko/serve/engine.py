@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import functools
 import logging
 import os
 import time
@@ -49,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from polyko.heap import malloc_trim
 from polyko.serve.config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -93,18 +92,6 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
             "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)` "
             "in a trusted environment.")
     return p
-
-
-@functools.lru_cache(maxsize=1)
-def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (returns the free pages of every malloc arena to the OS), or None
-    where the C library has none (musl, macOS): there the engine simply does not trim."""
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
 
 
 @dataclass
