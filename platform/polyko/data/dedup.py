@@ -18,6 +18,7 @@ How it scales (nothing of corpus size ever reaches the driver, and the TEXT is n
              with ``keys_dir`` (the pipeline's choice) as a Parquet file per block that the tasks
              using it read (only the columns they need), else in the object store.
 2. exact     shuffle (id, hash, source) by hash; in each hash run the smallest id is the representative.
+             The (id, representative, source) table is held until 6: under ``keys_dir`` when given.
 3. buckets   map tasks over the key table drop the exact duplicates (a range-chunked anti-join as in 7)
              and explode the representatives' band hashes; shuffle by bucket; every bucket with >1
              member gives star edges (smallest id, other) -- the text-dedup / NeMo Curator recipe.
@@ -37,7 +38,8 @@ How it scales (nothing of corpus size ever reaches the driver, and the TEXT is n
              A,C below the threshold (standard for LSH dedup); star edges after verification can also
              miss B~C when both only met A in a bucket and A fails verification (a little recall,
              never precision).
-6. resolve   shuffle (id, representative, source) + component roots by representative -> ``removed``.
+6. resolve   shuffle (id, representative, source) + component roots by representative -> ``removed``;
+             submitted once the roots exist, so its pieces never share the store with the joins'.
 7. kept      a RANGE-partitioned broadcast anti-join: the removed ids are range-partitioned into sorted
              chunks of ``drop_chunk_rows`` (8-16 MB) with known [lo, hi]; each map task over the corpus
              fetches only the chunks overlapping its block's id range. The pipeline's ids are
