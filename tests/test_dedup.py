@@ -164,6 +164,28 @@ def test_minhash_estimates_jaccard_and_is_batch_independent(news, news_pairs):
     assert shingles("최 고", 5) == {"최고"}
 
 
+def test_signatures_equal_the_definition_and_a_prefix_of_permutations(news):
+    """Each signature entry is min over the text's shingle hashes x of ((a_i x + b_i) mod 2^64) >> 32,
+    computed here with Python integers, also for a text whose shingles span several tiles of the
+    vectorised path; ``perms=k`` gives the first k columns (the key map computes bands * rows only)."""
+    h = MinHasher(num_perm=16, ngram=5, seed=3, bands=3, rows=5)
+    long_text = " ".join(r["text"] for r in news[:700])  # > 2 x 8,192 shingles: crosses tile boundaries
+    texts = [news[0]["text"], "굿", long_text, news[1]["text"]]
+    x, counts = h.shingle_hashes(texts)
+    assert counts[2] > 2 * 8192
+    sig, ok = h.signatures(texts)
+    assert ok.all()
+    ends = np.cumsum(counts)
+    for d in range(len(texts)):
+        xs = [int(v) for v in x[ends[d] - counts[d]:ends[d]]]
+        for i in range(h.num_perm):
+            a, b = int(h.a[i, 0]), int(h.b[i, 0])
+            assert sig[d, i] == min(((a * v + b) % (1 << 64)) >> 32 for v in xs), (d, i)
+    part, ok_part = h.signatures(texts, perms=15)
+    assert np.array_equal(part, sig[:, :15]) and np.array_equal(ok_part, ok)
+    assert np.array_equal(h.band_hashes(part), h.band_hashes(sig))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_components_local_and_star_rounds_agree_with_union_find(seed):
     """Both components paths (one-task label propagation; large/small-star rounds, run here on one

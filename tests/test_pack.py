@@ -169,6 +169,23 @@ def test_pack_is_deterministic_across_workers(tmp_path, cleaned, polyglot_tokeni
     assert sum(c["num_sequences"] for c in m2["chunks"]) == m2["num_sequences"]
 
 
+def test_plan_chunks_are_the_fewest_of_equal_size(cleaned):
+    """The plan covers every non-empty row group once, in order, in ceil(total / chunk_bytes) chunks of
+    about equal size (within a row group of each other), none above chunk_bytes + one row group: no
+    short last chunk that leaves an actor idle while another packs a full one."""
+    files = sorted(cleaned.rglob("*.parquet"), key=lambda p: p.relative_to(cleaned).as_posix())
+    groups = [(str(f), rg, pq.read_metadata(f).row_group(rg).total_byte_size)
+              for f in files for rg in range(pq.read_metadata(f).num_row_groups)]
+    total, biggest = sum(g[2] for g in groups), max(g[2] for g in groups)
+    size = {(f, rg): b for f, rg, b in groups}
+    for chunk_bytes in (total // 7, total // 3 + 1, int(total / 2.2), total, 10 * total):
+        chunks = plan_chunks(files, chunk_bytes, "text")
+        assert len(chunks) == -(-total // chunk_bytes)
+        assert [(f, rg) for c in chunks for f, rgs in c for rg in rgs] == [(f, rg) for f, rg, _ in groups]
+        sizes = [sum(size[(f, rg)] for f, rgs in c for rg in rgs) for c in chunks]
+        assert max(sizes) - min(sizes) <= biggest and max(sizes) <= chunk_bytes + biggest, (chunk_bytes, sizes)
+
+
 def test_pack_threads_give_identical_shards(tmp_path, cleaned, polyglot_tokenizer_dir):
     """Encoding threads (a window of batches in flight while the oldest is packed) never change the
     output: 1 vs 3 threads, small batches so the window wraps many times, byte-identical shards."""

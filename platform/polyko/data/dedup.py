@@ -186,7 +186,9 @@ class _KeysFn:
         digests = np.frombuffer(b"".join(exact_key(t) for t in texts), dtype=np.uint64).reshape(-1, 2)
         cols["_xk0"], cols["_xk1"] = pa.array(digests[:, 0]), pa.array(digests[:, 1])
         if self.hasher is not None:
-            sig, ok = self.hasher.signatures(texts)
+            # the bands read the first bands * rows permutations only; the full signature of a
+            # candidate pair's end is recomputed for verification (:class:`_EndSigs`)
+            sig, ok = self.hasher.signatures(texts, self.hasher.bands * self.hasher.rows)
             bands = self.hasher.band_hashes(sig)
             cols["_ok"] = pa.array(ok)
             cols["_bands"] = pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), self.hasher.bands)
