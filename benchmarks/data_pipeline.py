@@ -34,8 +34,7 @@ Figures (all measured in this process, on this machine, on the same text):
   the Ray cluster; ``ratio_by_scale`` = that / the tokenizer's (goal >= 0.5 at 10x and 50x).
 * ``cpu_s`` per scale: CPU seconds (user + system) of the whole process tree during the run, minus
   the benchmark's own sampler thread (``monitor_cpu_s``: it reads /proc of every process of the tree
-  once a second, ~0.05 of a core with ~25 Ray processes -- the instrument, not the pipeline; it still
-  takes that CPU from the run's wall time);
+  twice a second, ~0.1 of a core with ~25 Ray processes -- the instrument, not the pipeline);
   ``cpu_ratio_by_scale`` = (text MB / cpu_s) / ``tokenizer_cpu_mb_s_per_core``, the same ratio on CPU
   time, which other jobs on the machine do not deflate (it still counts Ray's own idle polling, so a
   longer wall time raises it a little); ``core_utilisation`` = cpu_s / (wall x CPUs): how much of
@@ -48,7 +47,7 @@ Figures (all measured in this process, on this machine, on the same text):
   ``_StatsActor`` ..., ``ray::IDLE`` = worker start-up and idle polling) side by side; ``[monitor]`` is
   the sampler thread, reported apart from ``driver``.
 * ``peak_rss_mb`` per scale: peak summed RSS of this process and all its descendants (Ray's GCS,
-  raylet, object store, workers), sampled every second; ``rss_ratio`` = largest scale / previous
+  raylet, object store, workers), sampled every 0.5 s; ``rss_ratio`` = largest scale / previous
   scale (goal <= 1.3 for 50x / 10x). RSS counts shared object-store pages in every process that maps
   them (over-states in absolute terms); ``--object-store-gb`` caps the store so it spills to disk.
   ``peak_pss_mb`` / ``pss_ratio``: the same with each process's PSS (shared pages divided among the
@@ -89,7 +88,8 @@ WINDOW = 16  # ranks per permutation window
 def _smaps_kb(pid: int) -> dict[str, int]:
     """Rss / Pss / Pss_Anon / Pss_Shmem / Pss_File (kB) from /proc/PID/smaps_rollup (Linux >= 5.x):
     one small read per process, but the kernel walks the process's page tables for it: ~4 ms for a
-    worker that maps a 2 GB object store, ~50 ms a sample with ~12 Ray processes."""
+    worker that maps a 2 GB object store, ~50 ms a sample with a dozen Ray processes (~0.1 of a core
+    at 0.5 s; sampling every 1 s missed the short peaks of the 10x run: its peak PSS 2.03 -> 1.95 GB)."""
     out = {}
     with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
         for line in f:
@@ -146,10 +146,7 @@ class PeakRSS:
     (``shmem``: the plasma object store lives in /dev/shm, so this is the store's resident part)
     and file pages; ``peak_by_kind`` = each kind's own peak over the run (not simultaneous)."""
 
-    def __init__(self, interval: float = 1.0) -> None:
-        # 1 s, not 0.5: the page-table walks of the samples took 43 CPU-s of a 380 s run on 2 cores
-        # (excluded from cpu_s, but taken from the run's wall time); the memory peaks it looks for
-        # last many seconds (the store's pages stay resident, stages run for tens of seconds)
+    def __init__(self, interval: float = 0.5) -> None:
         import psutil
 
         self.proc, self.interval, self.peak, self.peak_pss = psutil.Process(), interval, 0, 0
@@ -178,7 +175,7 @@ class PeakRSS:
             except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                 continue
             # CPU seconds since the previous sample go to what the process is doing NOW: a worker's
-            # title names its current task, so over 1 s samples this splits a worker's time by task
+            # title names its current task, so over 0.5 s samples this splits a worker's time by task
             # A worker that finished a task within the interval shows ray::IDLE now: its CPU since the
             # last sample is the task's, so IDLE gets only intervals idle at both ends (and the
             # start-up of a new worker, which has no previous sample).
