@@ -90,7 +90,7 @@ def _smaps_kb(pid: int) -> dict[str, int]:
     one small read per process, but the kernel walks the process's page tables for it: ~4 ms for a
     worker that maps a 2 GB object store, ~50 ms a sample with a dozen Ray processes (~0.1 of a core
     at 0.5 s). Kept at 0.5 s: in one run each, a 1 s sampler saved a third of that but saw a lower 10x
-    peak (PSS 1.95 vs 2.03 GB; 50x unchanged), and the 10x run's peaks last only seconds."""
+    peak (PSS 1.95 vs 2.03 GB; 50x unchanged), and a peak shorter than the interval goes unseen."""
     out = {}
     with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
         for line in f:
