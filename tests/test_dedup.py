@@ -17,6 +17,7 @@ import pytest
 
 from polyko.data.dedup import (DedupConfig, MinHasher, deduplicate, exact_canonical, jaccard,
                                optimal_bands, shingles)
+from polyko.data.minhash import _CHUNK  # the vectorised path's tile, in shingles
 
 _CACHE: dict = {}
 
@@ -169,10 +170,10 @@ def test_signatures_equal_the_definition_and_a_prefix_of_permutations(news):
     computed here with Python integers, also for a text whose shingles span several tiles of the
     vectorised path; ``perms=k`` gives the first k columns (the key map computes bands * rows only)."""
     h = MinHasher(num_perm=16, ngram=5, seed=3, bands=3, rows=5)
-    long_text = " ".join(r["text"] for r in news[:700])  # > 2 x 8,192 shingles: crosses tile boundaries
+    long_text = " ".join(r["text"] for r in news[:700])  # more than two tiles: crosses tile boundaries
     texts = [news[0]["text"], "굿", long_text, news[1]["text"]]
     x, counts = h.shingle_hashes(texts)
-    assert counts[2] > 2 * 8192
+    assert counts[2] > 2 * _CHUNK
     sig, ok = h.signatures(texts)
     assert ok.all()
     ends = np.cumsum(counts)

@@ -434,8 +434,8 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
     packed ``seq_len`` sequences to ``out_dir``. Returns the manifest (also ``out_dir/manifest.json``).
 
     ``chunk_bytes``: at most about this many uncompressed Parquet bytes per unit of work (parallelism
-    and tail-drop granularity: 128 MiB ~ 40 M tokens); the chunks are of equal size. ``shard_tokens``: tokens per shard file (2**26 = 128 MiB
-    of uint16). ``batch_size``: documents per ``encode_batch_fast`` call. ``workers``: Ray actors
+    and tail-drop granularity: 128 MiB ~ 40 M tokens); the chunks are of equal size.
+    ``shard_tokens``: tokens per shard file (2**26 = 128 MiB of uint16). ``batch_size``: documents per ``encode_batch_fast`` call. ``workers``: Ray actors
     (default: every CPU of the cluster; 0 = in this process, no Ray). ``ray_address``: cluster to
     join when Ray is not initialised yet (else a private local one, shut down afterwards).
     ``threads``: encoding threads with ``workers=0`` (with Ray, actors get ``cpus // actors`` threads
