@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -345,17 +346,19 @@ def test_repeated_id_is_an_error(ray_local):
         deduplicate(twice, DedupConfig(near=False, local_max_docs=10))
 
 
-@pytest.mark.parametrize("map_bytes,on_disk", [(0, False), (16 << 20, False), (16 << 20, True)])
-def test_split_partitions_many_blocks_equal_reference(ray_local, news, map_bytes, on_disk, tmp_path):
+@pytest.mark.parametrize("map_bytes,on_disk,reducers", [(0, False, 3), (16 << 20, False, 3), (16 << 20, True, 3),
+                                                         (16 << 20, False, 0)])
+def test_split_partitions_many_blocks_equal_reference(ray_local, news, map_bytes, on_disk, reducers, tmp_path):
     """The distributed path with every partition arriving as many small pieces (the input in 96 blocks;
     map_bytes=0: a map task per block, so each of the 16 partitions is 96 pieces; the default groups the
     small blocks into a few map tasks, several blocks per piece) and several partitions per reduce
     block (16 partitions on 3 reducers), through the distributed components too: exactly the
     single-process reference. ``on_disk``: the key table and the representatives as Parquet files
     (``keys_dir``), and the bucket shuffle in rounds of a few bands (``bucket_round_bytes`` far below
-    4,500 docs x 9 bands)."""
-    cfg = DedupConfig(local_max_docs=0, num_partitions=16, reducers=3, cc_local_max_edges=0, drop_chunk_rows=300,
-                      map_bytes=map_bytes, bucket_round_bytes=200_000 if on_disk else 256 << 20)
+    4,500 docs x 9 bands). ``reducers=0``: a reducer per partition, so the component rounds' shuffles
+    get 16 blocks each and group them into map tasks too."""
+    cfg = DedupConfig(local_max_docs=0, num_partitions=16, reducers=reducers, cc_local_max_edges=0,
+                      drop_chunk_rows=300, map_bytes=map_bytes, bucket_round_bytes=200_000 if on_disk else 256 << 20)
     keys_dir = str(tmp_path / "keys") if on_disk else None
     kept, rem = _run(news[:3000] + news[3000:3000 + 1500], cfg, blocks=96, keys_dir=keys_dir)
     if on_disk:   # the key table (a file per block) and the representatives (a file per exact reducer)
@@ -366,6 +369,31 @@ def test_split_partitions_many_blocks_equal_reference(ray_local, news, map_bytes
     # the range-chunked kept filter (drop_chunk_rows=300: several chunks) drops exactly the removed ids
     kept_ids = {r["id"] for r in kept.take_all()}
     assert kept_ids == {r["id"] for r in news[:4500]} - set(rem)
+
+
+def test_map_group_keeps_pieces_out_of_the_driver_heap():
+    """Blocks per shuffle map task: ~map_bytes at small scale; at 1.2 TB (the exact shuffle of ~6e8
+    documents: ~17 GB over ~1,000 partitions, 100k blocks, 64 CPUs) enough that every piece stays above
+    Ray's 100 KB inline limit, where map_bytes alone would give 16 KB pieces; never fewer than two
+    map tasks per CPU, never a task per block when pieces would be tiny."""
+    from polyko.data.dedup import MIN_PIECE_BYTES, map_group
+
+    def piece(blocks, nbytes, parts, g):
+        return g * nbytes / blocks / parts
+
+    # the shared corpus at 50x: the exact shuffle moves ~280 MB in 17 partitions: map_bytes decides
+    assert map_group(900, 280e6, 17, 2, 16 << 20) == int((16 << 20) * 900 // 280e6)
+    blocks, nbytes, cpus = 100_000, 6e8 * 28, 64
+    parts = math.ceil(nbytes / (16 << 20))
+    old = max(1, int((16 << 20) * blocks // nbytes))
+    assert piece(blocks, nbytes, parts, old) < 100e3   # what map_bytes alone gave
+    g = map_group(blocks, nbytes, parts, cpus, 16 << 20)
+    assert piece(blocks, nbytes, parts, g) >= 100e3 and blocks / g >= 2 * cpus
+    # on 16 CPUs the two-tasks-per-CPU floor leaves room: the MIN_PIECE_BYTES target itself binds
+    g = map_group(blocks, nbytes, parts, 16, 16 << 20)
+    assert MIN_PIECE_BYTES * 0.99 <= piece(blocks, nbytes, parts, g) <= MIN_PIECE_BYTES * 1.01
+    # few blocks: one per task; map_bytes=0: one per task
+    assert map_group(8, 1e9, 60, 4, 16 << 20) == 1 and map_group(10_000, 1e9, 60, 4, 0) == 1
 
 
 def test_shuffle_keeps_key_groups_whole(ray_local):
@@ -393,13 +421,14 @@ def test_exact_marking_keeps_row_order_and_keys_hold_no_signatures():
     """The key table carries band hashes but no 512 B/doc signatures (verification recomputes them
     for the candidate pairs' ends), and ``_mark_exact`` leaves the rows in place (no copy of the
     table): every row's representative is the smallest id with the same canonical text."""
-    from polyko.data.dedup import _KeysFn, _mark_exact
+    from polyko.data.dedup import _band_columns, _KeysFn, _mark_exact
 
     rng = np.random.default_rng(1)
     texts = ["가나다라마바", "가나다라  마바", "사아자차카타", "파하 가나다", "사아자차카타"]
     rows = [{"id": int(i), "text": texts[int(rng.integers(len(texts)))]} for i in rng.permutation(200)]
     keys = _KeysFn(DedupConfig(), "text", "id", None)(pa.Table.from_pylist(rows))
-    assert "_sig" not in keys.column_names and "_bands" in keys.column_names
+    assert "_sig" not in keys.column_names
+    assert [c for c in keys.column_names if c.startswith("_b")] == _band_columns(DedupConfig().band_rows()[0])
     marked = _mark_exact(keys)
     assert marked["id"].to_pylist() == [r["id"] for r in rows]
     best: dict = {}

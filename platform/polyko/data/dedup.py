@@ -16,7 +16,8 @@ How it scales (nothing of corpus size ever reaches the driver, and the TEXT is n
              512 B/doc at num_perm=128, 5x the rest). The key table is ~(id + source + 16 + 8*bands)
              bytes/doc, ~115 B; it is held once, in the corpus's block order, and never shuffled whole:
              with ``keys_dir`` (the pipeline's choice) as a Parquet file per block that the tasks
-             using it read (only the columns they need), else in the object store.
+             using it read (only the columns they need: one column per band, so a bucket round
+             reads its own bands), else in the object store.
 2. exact     shuffle (id, hash, source) by hash; in each hash run the smallest id is the representative.
              The (id, representative, source) table is held until 6: under ``keys_dir`` when given.
 3. buckets   map tasks over the key table drop the exact duplicates (a range-chunked anti-join as in 7)
@@ -115,8 +116,8 @@ class DedupConfig:
     ignore_spaces: bool = True        # near dedup: shingle the text with all whitespace removed (Korean spacing varies)
     num_partitions: int = 0           # shuffle partitions; 0 = per shuffle max(cluster CPUs, MB it moves / 16)
     map_bytes: int = 16 << 20         # input per shuffle map task (bytes it moves): small blocks are grouped up to it,
-                                      # a piece is ~map_bytes / partitions (Ray keeps one < 100 KB in the driver's
-                                      # heap, not the object store); 0 = one map task per block
+                                      # or to partitions x 256 KB when more (a piece is ~1/partitions of it; Ray keeps
+                                      # one < 100 KB in the driver's heap, not the object store); 0 = one per block
     cc_local_max_edges: int = 20_000_000  # components in ONE task up to this many edges (~40 B/edge), else distributed
     local_max_docs: int = 500_000     # dedup in one task (two with verify="minhash") up to this many docs
                                       # (~0.8 KB/doc of task heap: 1.1 GB at 1.39M docs), else shuffles; 0 = always shuffle
@@ -191,7 +192,10 @@ class _KeysFn:
             sig, ok = self.hasher.signatures(texts, self.hasher.bands * self.hasher.rows)
             bands = self.hasher.band_hashes(sig)
             cols["_ok"] = pa.array(ok)
-            cols["_bands"] = pa.FixedSizeListArray.from_arrays(pa.array(bands.reshape(-1)), self.hasher.bands)
+            # one flat column per band, not one list column: a bucket-shuffle round reads only its
+            # own bands' columns of the Parquet key table (a list column is read whole, with its
+            # repetition levels, in every round)
+            cols.update((name, pa.array(bands[:, j])) for j, name in enumerate(_band_columns(self.hasher.bands)))
             # no signatures (512 B/doc, 5x the rest of the row): verification recomputes them for the
             # candidate pairs' ends only (:class:`_EndSigs`)
         return pa.table(cols)
@@ -271,21 +275,23 @@ def _no_exact(block: pa.Table) -> pa.Table:
     return block.append_column("_rep", block["id"])
 
 
+def _band_columns(bands: int, sel: list[int] | None = None) -> list[str]:
+    """The key table's band-hash columns (uint64 each): all ``bands`` of them, or those of ``sel``."""
+    return [f"_b{j}" for j in (range(bands) if sel is None else sel)]
+
+
 class _Explode:
     """(bucket, id) rows of the documents with shingles, for every band or the bands ``sel``."""
 
     def __init__(self, bands: int, sel: list[int] | None = None):
-        self.bands, self.sel = bands, sel
+        self.columns = _band_columns(bands, sel)
 
     def __call__(self, block: pa.Table) -> pa.Table:
         block = block.filter(block["_ok"])
-        flat = pc.list_flatten(block["_bands"])
-        k = self.bands
-        if self.sel is not None and len(self.sel) < self.bands:
-            k = len(self.sel)
-            flat = pa.array(_np(flat).reshape(-1, self.bands)[:, self.sel].reshape(-1))
-        idx = np.repeat(np.arange(block.num_rows), k)
-        return pa.table({"_bucket": flat, "id": block["id"].take(pa.array(idx, pa.int64()))})
+        # document-major, band-minor (the order does not matter: the reduce side sorts by bucket)
+        flat = np.stack([_np(block[c]) for c in self.columns], axis=1).reshape(-1)
+        idx = np.repeat(np.arange(block.num_rows), len(self.columns))
+        return pa.table({"_bucket": pa.array(flat, pa.uint64()), "id": block["id"].take(pa.array(idx, pa.int64()))})
 
 
 def _star_edges(block: pa.Table) -> pa.Table:
@@ -363,7 +369,7 @@ def _local_candidates(cfg: DedupConfig, id_column: str, source: bool, *pieces: p
     edges = pa.table({"src": pa.array([], id_type), "dst": pa.array([], id_type)})
     if cfg.near:
         is_rep = pc.equal(marked["id"], marked["_rep"])
-        edges = _star_edges(_Explode(cfg.band_rows()[0])(marked.select(["id", "_ok", "_bands"]).filter(is_rep)))
+        edges = _star_edges(_Explode(cfg.band_rows()[0])(marked.filter(is_rep)))
     return marked.select(["id", "_rep"] + (["source"] if source else [])), edges
 
 
@@ -485,9 +491,10 @@ class _RepBands:
 
     def __init__(self, chunks: list, bands: int, sel: list[int] | None = None):
         self.chunks, self.explode = chunks, _Explode(bands, sel)
+        self.columns = ["id", "_ok"] + self.explode.columns
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        block = block.select(["id", "_ok", "_bands"])
+        block = block.select(self.columns)
         drop = _overlapping_ids(self.chunks, block["id"])
         if drop is not None:
             block = block.filter(pc.invert(pc.is_in(block["id"], value_set=drop)))
@@ -570,14 +577,8 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
         # ~30 B/doc, the bucket shuffle 16 B per band, the key table itself ~120 B/doc (no signatures)
         return cfg.num_partitions or max(cpus, math.ceil(nbytes / (16 << 20)))
 
-    def group_for(blocks: int, nbytes: float) -> int:
-        # input blocks per map task: ~map_bytes of what the shuffle moves each, but at least two map
-        # tasks per CPU. Blocks can be small (a block per read batch of each read task's file), and
-        # at 11M documents of the shared corpus a map task per block made 4,500 blocks x 100
-        # partitions of 3 KB pieces, every one held in the driver's heap (3.0 GB; 0.9 GB grouped)
-        if not cfg.map_bytes or blocks <= 2 * cpus:
-            return 1
-        return max(1, min(int(cfg.map_bytes * blocks // max(nbytes, 1)), blocks // (2 * cpus)))
+    def group_for(blocks: int, nbytes: float, partitions: int) -> int:
+        return map_group(blocks, nbytes, partitions, cpus, cfg.map_bytes)
 
     t_keys = time.perf_counter() - t0
     log.info("dedup: keys for %d docs (%.0f MB) in %.1f s (%.0f docs/s)",
@@ -616,6 +617,24 @@ def deduplicate(ds: "ray.data.Dataset", cfg: DedupConfig, *, text_column: str = 
     return kept, removed_ds
 
 
+# Ray keeps a task return under 100 KB (``max_direct_call_object_size``) in its owner's heap -- the
+# driver's -- instead of the object store, which spills: shuffle pieces are kept at least this large.
+MIN_PIECE_BYTES = 256 << 10
+
+
+def map_group(blocks: int, nbytes: float, partitions: int, cpus: int, map_bytes: int) -> int:
+    """Input blocks per shuffle map task: about ``map_bytes`` of the ``nbytes`` the shuffle moves, and
+    enough that each of its ``partitions`` pieces holds ``MIN_PIECE_BYTES`` (at 1.2 TB of corpus the
+    exact shuffle has ~1,100 partitions: 16 MB per map task would make ~15 KB pieces, every one in the
+    driver's heap), but at least two map tasks per CPU. Blocks can be small (a block per read batch
+    of each read task's file): at 11M documents of the shared corpus a map task per block made
+    4,500 blocks x 100 partitions of 3 KB pieces (3.0 GB of driver heap; 0.9 GB grouped)."""
+    if not map_bytes or blocks <= 2 * cpus:
+        return 1
+    want = max(map_bytes, partitions * MIN_PIECE_BYTES)
+    return max(1, min(int(want * blocks // max(nbytes, 1)), blocks // (2 * cpus)))
+
+
 def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_docs: int, key_bytes: int,
                  id_type: pa.DataType, source: bool, text_column: str, id_column: str,
                  text_type: pa.DataType, keys_dir: str | None = None) -> Blocks:
@@ -637,7 +656,8 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
     src_b = 4 if source else 0  # the source's dictionary index
 
     def shuffle(b: Blocks, name: str, key: str, fn, nbytes: float, pre=None, columns=None) -> Blocks:
-        return b.shuffle(key, parts_for(nbytes), fn, reducers=red, pre=pre, group=group_for(len(b.refs), nbytes),
+        parts = parts_for(nbytes)
+        return b.shuffle(key, parts, fn, reducers=red, pre=pre, group=group_for(len(b.refs), nbytes, parts),
                          name=f"dedup-{name}", columns=columns)
 
     m_schema = pa.schema([("id", id_type), ("_rep", id_type)]
@@ -670,8 +690,9 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
         for sel in np.array_split(np.arange(b), rounds):
             if parts:
                 ray.wait(parts[-1].refs, num_returns=len(parts[-1].refs), fetch_local=False)
+            pre = _RepBands(nonrep, b, sel.tolist())  # reads only this round's band columns
             parts.append(shuffle(K, "buckets", "_bucket", _star_edges, len(sel) * per_band,
-                                 pre=_RepBands(nonrep, b, sel.tolist()), columns=["id", "_ok", "_bands"]))
+                                 pre=pre, columns=pre.columns))
         edges = Blocks([ref for p in parts for ref in p.refs])
         K = None  # every task that reads the key table is submitted: Ray frees it once they ran
         n_candidates = edges.count()
@@ -704,7 +725,10 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
         elif n_candidates <= cfg.cc_local_max_edges:
             roots = edges.gather(components_local, name="dedup-components")
         else:
-            roots = _components_distributed(edges, parts_for(n_candidates * 4 * per_id), red)
+            cc_bytes = n_candidates * 4 * per_id
+            cc_parts = parts_for(cc_bytes)
+            roots = _components_distributed(edges, cc_parts, red,
+                                            group=lambda blocks: group_for(blocks, cc_bytes, cc_parts))
     K = None
 
     # 6. resolve dup_of to the surviving id
@@ -720,13 +744,17 @@ def _distributed(ds, key_table: list, cfg: DedupConfig, parts_for, group_for, n_
                    pre=_JoinSide(d_schema, r_schema, "_rep", "_rep"))
 
 
-def _components_distributed(edges: Blocks, parts: int, reducers: int = 0, max_rounds: int = 100) -> Blocks:
+def _components_distributed(edges: Blocks, parts: int, reducers: int = 0, max_rounds: int = 100,
+                            group: Callable[[int], int] = lambda blocks: 1) -> Blocks:
     """Large-star / small-star rounds until a fixed point (one count per round); returns (id, _root)
-    for every non-root node. Rounds are O(log n) (Kiveris et al. 2014)."""
+    for every non-root node. Rounds are O(log n) (Kiveris et al. 2014). ``group(blocks)``: input
+    blocks per map task (:func:`map_group`)."""
     a = edges.map(lambda t: t.select(["src", "dst"]).rename_columns(["u", "v"]))
     for rnd in range(max_rounds):
-        b = a.shuffle("u", parts, large_star, reducers=reducers, pre=large_star_in, name="dedup-large-star")
-        a = b.shuffle("u", parts, small_star, reducers=reducers, pre=small_star_in, name="dedup-small-star")
+        b = a.shuffle("u", parts, large_star, reducers=reducers, pre=large_star_in, group=group(len(a.refs)),
+                      name="dedup-large-star")
+        a = b.shuffle("u", parts, small_star, reducers=reducers, pre=small_star_in, group=group(len(b.refs)),
+                      name="dedup-small-star")
         _, chg = a.count_sum("_chg")
         log.info("dedup: components round %d, %d changed edges", rnd, chg)
         a = a.map(lambda t: t.select(["u", "v"]))
