@@ -281,16 +281,18 @@ def _band_columns(bands: int, sel: list[int] | None = None) -> list[str]:
 
 
 class _Explode:
-    """(bucket, id) rows of the documents with shingles, for every band or the bands ``sel``."""
+    """(bucket, id) rows of the documents with shingles, for every band or the bands ``sel``.
+    ``columns``: the key-table columns it reads (callers select them before filtering or loading)."""
 
     def __init__(self, bands: int, sel: list[int] | None = None):
-        self.columns = _band_columns(bands, sel)
+        self.bands = _band_columns(bands, sel)
+        self.columns = ["id", "_ok"] + self.bands
 
     def __call__(self, block: pa.Table) -> pa.Table:
         block = block.filter(block["_ok"])
         # document-major, band-minor (the order does not matter: the reduce side sorts by bucket)
-        flat = np.stack([_np(block[c]) for c in self.columns], axis=1).reshape(-1)
-        idx = np.repeat(np.arange(block.num_rows), len(self.columns))
+        flat = np.stack([_np(block[c]) for c in self.bands], axis=1).reshape(-1)
+        idx = np.repeat(np.arange(block.num_rows), len(self.bands))
         return pa.table({"_bucket": pa.array(flat, pa.uint64()), "id": block["id"].take(pa.array(idx, pa.int64()))})
 
 
@@ -369,7 +371,8 @@ def _local_candidates(cfg: DedupConfig, id_column: str, source: bool, *pieces: p
     edges = pa.table({"src": pa.array([], id_type), "dst": pa.array([], id_type)})
     if cfg.near:
         is_rep = pc.equal(marked["id"], marked["_rep"])
-        edges = _star_edges(_Explode(cfg.band_rows()[0])(marked.filter(is_rep)))
+        explode = _Explode(cfg.band_rows()[0])
+        edges = _star_edges(explode(marked.select(explode.columns).filter(is_rep)))
     return marked.select(["id", "_rep"] + (["source"] if source else [])), edges
 
 
@@ -491,7 +494,7 @@ class _RepBands:
 
     def __init__(self, chunks: list, bands: int, sel: list[int] | None = None):
         self.chunks, self.explode = chunks, _Explode(bands, sel)
-        self.columns = ["id", "_ok"] + self.explode.columns
+        self.columns = self.explode.columns
 
     def __call__(self, block: pa.Table) -> pa.Table:
         block = block.select(self.columns)

@@ -21,9 +21,9 @@ Python's salted ``hash()``); permutation i is Dietzfelbinger's multiply-add-shif
 ``((a_i * x + b_i) mod 2^64) >> 32`` with 64-bit a_i, b_i drawn from ``seed``: a strongly universal
 (2-independent) family for 32-bit x, the same guarantee as datasketch's ``(a*x+b) mod (2^61-1)``,
 in two passes over uint64 (multiply, add) where the Mersenne reduction took five; the minima are taken
-on the uint64 values and only they are shifted (``>> 32`` is monotone). Bands x rows come from :func:`optimal_bands`, the minimiser of the weighted false-positive +
-false-negative areas of the LSH S-curve (datasketch's ``_optimal_param``; ``threshold=0.8,
-num_perm=128`` gives 9 bands x 13 rows).
+on the uint64 values and only they are shifted (``>> 32`` is monotone). Bands x rows come from
+:func:`optimal_bands`, the minimiser of the weighted false-positive + false-negative areas of the LSH
+S-curve (datasketch's ``_optimal_param``; ``threshold=0.8, num_perm=128`` gives 9 bands x 13 rows).
 Cost: ~0.6-1.1 ns per (shingle, permutation) on one core, i.e. ~0.1-0.14 us per character at
 num_perm=128, shingling included (measured on 14.8M characters of the shared corpus).
 Run on a CPU: ``python -c "from polyko.data.minhash import *; print(optimal_bands(0.8, 128))"``.

@@ -435,9 +435,10 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
 
     ``chunk_bytes``: at most about this many uncompressed Parquet bytes per unit of work (parallelism
     and tail-drop granularity: 128 MiB ~ 40 M tokens); the chunks are of equal size.
-    ``shard_tokens``: tokens per shard file (2**26 = 128 MiB of uint16). ``batch_size``: documents per ``encode_batch_fast`` call. ``workers``: Ray actors
-    (default: every CPU of the cluster; 0 = in this process, no Ray). ``ray_address``: cluster to
-    join when Ray is not initialised yet (else a private local one, shut down afterwards).
+    ``shard_tokens``: tokens per shard file (2**26 = 128 MiB of uint16). ``batch_size``: documents per
+    ``encode_batch_fast`` call. ``workers``: Ray actors (default: every CPU of the cluster; 0 = in this
+    process, no Ray). ``ray_address``: cluster to join when Ray is not initialised yet (else a private
+    local one, shut down afterwards).
     ``threads``: encoding threads with ``workers=0`` (with Ray, actors get ``cpus // actors`` threads
     on their own when there are fewer chunks than CPUs). Shards never depend on either.
     ``validation_share`` (0 = no split; e.g. 0.005): share of documents, chosen by the hash of
