@@ -29,6 +29,11 @@ Figures (all measured in this process, on this machine, on the same text):
   run, so a baseline taken next to the run it divides is the comparable one, and the faster of the pair
   is the one that makes the pipeline's ratio smaller. ``tokenizer_mb_s_per_core`` /
   ``tokenizer_cpu_mb_s_per_core``: the fastest measurement of all.
+* ``encoder_cpu_mb_s_per_core``: what the packer actually encodes with, on the same text and thread:
+  the tiktoken run of the same BPE (``polyko.tokenizer.rankbpe``, identical ids; None when the
+  tokenizer does not qualify), measured once before the runs; ``pack_encoder`` per scale: the
+  manifest's ``encoder`` entry (chunks per encoder, documents checked against the Rust tokenizer,
+  fallbacks). The goal's baseline stays the Rust tokenizer: it is what a user would otherwise run.
 * ``text_mb_s_per_core`` per scale: the input's TEXT bytes (UTF-8 of the ``text`` field; not JSON file
   bytes) / wall seconds of ``run_pipeline`` (read + clean + decontaminate-free + dedup [+ pack]) / CPUs of
   the Ray cluster; ``ratio_by_scale`` = that / the tokenizer's (goal >= 0.5 at 10x and 50x).
@@ -302,6 +307,24 @@ def write_scale(corpus: list, tables: list, root: Path, n: int) -> tuple[Path, i
     return out, nbytes
 
 
+def encoder_speed(corpus: list, tables: list, tokenizer_dir: Path, batch: int = 1024) -> float | None:
+    """CPU MB/s of the packer's rank encoder (``polyko.tokenizer.rankbpe``, one thread) on the
+    baseline's text; None when the tokenizer does not qualify (the packer then uses the Rust one)."""
+    from polyko.tokenizer.rankbpe import rank_encoder
+
+    enc, _ = rank_encoder(tokenizer_dir)
+    if enc is None:
+        return None
+    texts = [t for _, rows in corpus for t, _ in rows]
+    if len(tables) > 1:
+        texts += [t.translate(tables[1]) for t in texts]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    c0 = time.thread_time()
+    for i in range(0, len(texts), batch):
+        enc.encode_docs(texts[i:i + batch])
+    return nbytes / 1e6 / (time.thread_time() - c0)
+
+
 def tokenizer_baseline(corpus: list, tables: list, tokenizer_dir: Path, batch: int = 1024) -> tuple[float, float]:
     """(wall MB/s, CPU MB/s) of one thread of HF tokenizers encode_batch over variants 0 and 1."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before the import: read when the pool starts
@@ -358,6 +381,7 @@ def main() -> None:
     corpus = load_corpus(corpus_dir, args.max_files)
     tables = variant_tables(corpus, max(scales + [2]))
     tok_runs = [tokenizer_baseline(corpus, tables, tokdir)]  # and again after each scale's run
+    enc_mb_s = encoder_speed(corpus, tables, tokdir)
     kw = {"object_store_memory": int(args.object_store_gb * 2**30)} if args.object_store_gb else {}
     load = os.getloadavg()[0]
     init_ray(num_cpus=args.num_cpus, include_dashboard=False, **kw)
@@ -366,7 +390,8 @@ def main() -> None:
                  "object_store_gb": args.object_store_gb, "load_avg_1m": round(load, 2),
                  "text_mb": {}, "documents_in": {}, "seconds": {}, "text_mb_s_per_core": {}, "ratio_by_scale": {},
                  "peak_rss_mb": {}, "peak_pss_mb": {}, "cpu_s": {}, "monitor_cpu_s": {}, "cpu_ratio_by_scale": {}, "core_utilisation": {},
-                 "dedup_per_1x": {}, "stage_seconds": {}}
+                 "dedup_per_1x": {}, "stage_seconds": {}, "pack_encoder": {},
+                 "encoder_cpu_mb_s_per_core": enc_mb_s and round(enc_mb_s, 3)}
     dist: dict = {"seconds": {}, "local_seconds": {}, "compared": {}, "peak_rss_mb": {}, "peak_pss_mb": {},
                   "dist_over_local": {}, "same_output": {}, "memory_breakdown_mb": {}}
     res["dedup_path"], res["memory_breakdown_mb"], res["cpu_breakdown_s"] = {}, {}, {}
@@ -396,6 +421,9 @@ def main() -> None:
             res["core_utilisation"][key] = round((cpu_s - mon.monitor_cpu_s) / secs / cpus, 3)
             res["dedup_per_1x"][key] = {k: round(v / n) for k, v in stats["duplicates_removed"].items()}
             res["stage_seconds"][key] = stats["timings_s"]
+            if not args.no_pack:
+                res["pack_encoder"][key] = json.loads((Path(tmp) / f"out{n}" / "tokens" / "manifest.json")
+                                                      .read_text())["encoder"]
             print(f"x{n}: {mb:.0f} MB text in {secs:.0f} s, peak PSS {mon.peak_pss / 2**20:.0f} MB "
                   f"({res['dedup_path'][key]} dedup), dedup {stats['duplicates_removed']}, "
                   f"breakdown {res['memory_breakdown_mb'][key]['at_peak']}, CPU-s {res['cpu_breakdown_s'][key]}",

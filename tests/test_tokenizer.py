@@ -269,3 +269,26 @@ def test_rerun_of_finished_config_is_skipped(trained, cleaned, polyglot_tokenize
         "--set", f"reference_tokenizer={polyglot_tokenizer_dir}"])
     assert again["mlflow_run_id"] == report["mlflow_run_id"]      # no new run, no retraining
     assert (out / "tokenizer.json").stat().st_mtime_ns == before
+
+
+def test_rank_encoder_reproduces_the_trained_tokenizer(trained, cleaned):
+    """Packing encodes with the tiktoken run of the BPE when it qualifies: polyko's own tokenizer does,
+    with the same ids as the Rust tokenizer on real documents and on adversarial strings (PII tokens,
+    <|endoftext|> inside a document, emoji sequences, NUL, BOM, CRLF, the U+0CF1 marker)."""
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    from polyko.tokenizer.rankbpe import rank_encoder
+
+    out, _ = trained
+    enc, why = rank_encoder(out)
+    assert enc is not None, why
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    texts = [t for f in sorted(cleaned.rglob("*.parquet")) for t in pq.read_table(f).column("text").to_pylist()]
+    texts += _random_texts(2000, seed=3) + [f"형태{MARKER}소{MARKER}", MARKER, f"{MARKER}<|acc|>{MARKER}"]
+    for i in range(0, len(texts), 256):
+        batch = texts[i:i + 256]
+        flat, counts = enc.encode_docs(batch)
+        want = [e.ids + [2] for e in tok.encode_batch(batch, add_special_tokens=False)]
+        assert counts.tolist() == [len(w) for w in want]
+        assert flat.tolist() == [t for w in want for t in w]

@@ -13,9 +13,10 @@ How (GPT-NeoX / Megatron-style packing, distributed and deterministic):
    uncompressed text, all of about the same size (so the actors finish together).
    The plan depends only on the input, never on the cluster.
 2. tokenize + pack: Ray Data ``map_batches`` runs a pool of ``workers`` actors, one chunk per call.
-   Each actor streams its chunk's rows ``batch_size`` documents at a time through the Rust
-   ``Tokenizer.encode_batch_fast``, appends ``<|endoftext|>`` (id 2) to every document and
-   concatenates them into **one token stream per source** (the ``source`` column), cuts each into
+   Each actor streams its chunk's rows ``batch_size`` documents at a time through the tokenizer --
+   the tiktoken run of the same BPE (:mod:`polyko.tokenizer.rankbpe`: identical ids, ~5x faster, with
+   a sampled check against the Rust ``Tokenizer.encode_batch_fast``, which it falls back to) or the Rust
+   one itself --, appends ``<|endoftext|>`` (id 2) to every document and concatenates them into **one token stream per source** (the ``source`` column), cuts each into
    ``seq_len`` rows and writes part shards of at most ``shard_tokens`` tokens, each holding rows of a
    single source: every packed row belongs to exactly one source, so a sampler can weight sources
    (as Megatron-LM's blendable datasets and OLMo's per-source arrays do). Memory per actor is at
@@ -261,7 +262,7 @@ class ChunkPacker:
     def __init__(self, tokenizer_dir: str, tokenizer_hash: str, parts_dir: str, seq_len: int,
                  shard_tokens: int, text_column: str, source_column: str, batch_size: int,
                  key_column: str = "key", validation_share: float = 0.0, forced_keys: tuple[str, ...] = (),
-                 threads: int = 1):
+                 threads: int = 1, encoder: str = "auto", verify_every: int = 64):
         # One Ray worker = one core: the Rust tokenizer must not start a thread per core as well.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from polyko.tokenizer.bpe import load_tokenizer
@@ -281,14 +282,50 @@ class ChunkPacker:
         self.key_column, self.threshold = key_column, np.uint64(holdout_threshold(validation_share))
         self.split = validation_share > 0
         self.forced = pa.array(sorted(forced_keys), pa.string())
-        # encode_batch_fast releases the GIL: ``threads`` batches are encoded at once (the Rust pool
+        # both encoders release the GIL: ``threads`` batches are encoded at once (the Rust pool
         # stays off, TOKENIZERS_PARALLELISM=false); results are consumed in batch order, so the
         # output does not depend on the thread count
         self.threads = max(1, min(int(threads), os.cpu_count() or 1))
+        # the tiktoken run of the same BPE (polyko.tokenizer.rankbpe): same ids, ~5x the speed; every
+        # `verify_every`-th document of a batch is also encoded by the Rust tokenizer and compared
+        self.rank, self.verify_every = None, verify_every
+        if encoder != "hf":
+            from polyko.tokenizer.rankbpe import rank_encoder
 
-    def _encode_batches(self, batches, pool):
-        """(batch, UTF-8 bytes of the kept documents, kept row indices, encodings) in order; with a
-        ``pool``, ``threads`` batches are encoded concurrently."""
+            self.rank, why = rank_encoder(tokenizer_dir)
+            if self.rank is None and encoder == "rank":
+                raise ValueError(f"encoder='rank': tokenizer {tokenizer_dir} does not qualify: {why}")
+            assert self.rank is None or self.rank.eos == self.eos, "the two encoders disagree on the eos id"
+
+    def _hf_docs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The Rust tokenizer's (ids with eos after each document, tokens per document incl. eos)."""
+        ids = [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        counts = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(counts.sum()))
+        return np.insert(flat, np.cumsum(counts), np.asarray(self.eos, self.dtype)), counts + 1
+
+    def _encode_docs(self, texts: list[str], rank: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        """(ids with eos after each document, tokens per document incl. eos, documents verified)."""
+        if not rank:
+            return *self._hf_docs(texts), 0
+        flat, counts = self.rank.encode_docs(texts)
+        flat = flat.astype(self.dtype, copy=False)
+        if not self.verify_every:
+            return flat, counts, 0
+        sample = range(0, len(texts), self.verify_every)
+        want, _ = self._hf_docs([texts[i] for i in sample])
+        starts = np.cumsum(counts) - counts
+        got = np.concatenate([flat[starts[i]:starts[i] + counts[i]] for i in sample])
+        if not np.array_equal(got, want):
+            bad = next(i for i in sample if not np.array_equal(flat[starts[i]:starts[i] + counts[i]],
+                                                               self._hf_docs([texts[i]])[0]))
+            raise _RankMismatch(f"the rank encoder differed from the Rust tokenizer on {texts[bad][:60]!r}")
+        return flat, counts, len(sample)
+
+    def _encode_batches(self, batches, pool, rank: bool):
+        """(batch, UTF-8 bytes of the kept documents, kept row indices, ids with eos after each
+        document, tokens per document incl. eos, documents verified) in order; with a ``pool``,
+        ``threads`` batches are encoded concurrently (both encoders release the GIL)."""
         def enc(b):
             col = b.column(self.text_column)
             nbytes = pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)  # UTF-8 bytes
@@ -296,8 +333,8 @@ class ChunkPacker:
             texts = col.to_pylist()
             if keep.size < len(texts):
                 texts = [texts[i] for i in keep]
-            return b, nbytes[keep], keep, (self.tok.encode_batch_fast(texts, add_special_tokens=False)
-                                           if keep.size else [])
+            return (b, nbytes[keep], keep, *(self._encode_docs(texts, rank) if keep.size else
+                                             (np.zeros(0, self.dtype), np.zeros(0, np.int64), 0)))
 
         if pool is None:
             yield from map(enc, batches)
@@ -318,14 +355,25 @@ class ChunkPacker:
             yield done
 
     def pack(self, index: int, chunk: list[tuple[str, list[int]]]) -> dict[str, Any]:
+        """Pack one chunk; with the rank encoder, a sampled difference from the Rust tokenizer re-packs
+        the whole chunk with the Rust tokenizer (same output either way, so the retry is invisible but
+        for ``encoder`` / ``encoder_note`` in the summary)."""
+        if self.rank is None:
+            return self._pack_with_pool(index, chunk, False)
+        try:
+            return self._pack_with_pool(index, chunk, True)
+        except _RankMismatch as e:
+            return {**self._pack_with_pool(index, chunk, False), "encoder_note": str(e)}
+
+    def _pack_with_pool(self, index: int, chunk: list[tuple[str, list[int]]], rank: bool) -> dict[str, Any]:
         if self.threads == 1:
-            return self._pack(index, chunk, None)
+            return self._pack(index, chunk, None, rank)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="pack-encode") as pool:
-            return self._pack(index, chunk, pool)
+            return self._pack(index, chunk, pool, rank)
 
-    def _pack(self, index: int, chunk: list[tuple[str, list[int]]], pool: Any) -> dict[str, Any]:
+    def _pack(self, index: int, chunk: list[tuple[str, list[int]]], pool: Any, rank: bool) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
         out = self.parts_dir / f"chunk-{index:06d}"
@@ -334,7 +382,7 @@ class ChunkPacker:
         out.mkdir(parents=True)
         train = _SourceStreams(out, out.name, self.seq_len, self.rows_per_shard)
         val = _SourceStreams(out / "validation", f"{out.name}/validation", self.seq_len, self.rows_per_shard)
-        skipped = 0
+        skipped = verified = 0
 
         for path, row_groups in chunk:
             pf = pq.ParquetFile(path)
@@ -346,15 +394,13 @@ class ChunkPacker:
                     raise ValueError(f"{path}: no {self.key_column!r} column to split validation documents by")
                 cols.append(self.key_column)
             batches = pf.iter_batches(batch_size=self.batch_size, row_groups=row_groups, columns=cols)
-            for batch, nbytes, keep, encodings in self._encode_batches(batches, pool):
+            for batch, nbytes, keep, flat, counts, checked in self._encode_batches(batches, pool, rank):
                 skipped += batch.num_rows - keep.size
+                verified += checked
                 if not keep.size:
                     continue
-                # one flat token array for the batch; each group below is a mask over it (per document
-                # Python work is only the ids lists the tokenizer hands back)
-                ids = [e.ids for e in encodings]
-                counts = np.fromiter(map(len, ids), np.int64, len(ids))
-                flat = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(counts.sum()))
+                # one flat token array for the batch (eos after every document); each group below is
+                # a mask over it
                 codes, srcs = (_source_codes(batch.column(self.source_column).take(keep)) if has_src
                                else (np.zeros(keep.size, np.int64), ["unknown"]))
                 held = np.zeros(keep.size, bool)
@@ -373,16 +419,19 @@ class ChunkPacker:
                 for (is_held, src), m in sorted(groups.items()):
                     whole = len(groups) == 1
                     sub, n = (flat, counts) if whole else (flat[np.repeat(m, counts)], counts[m])
-                    # <|endoftext|> after every document
-                    sub = np.insert(sub, np.cumsum(n), np.asarray(self.eos, self.dtype))
                     (val if is_held else train).add(src, sub, int(n.size), int(nbytes[m].sum()))
         t, v = train.finish(), val.finish()
         return {"index": index, "files": sorted({p for p, _ in chunk}),
+                "encoder": "rank" if rank else "hf", "documents_verified": verified,
                 "documents": sum(train.docs.values()), "documents_skipped_empty": skipped,
                 "tokens": sum(train.tokens.values()),
                 "tokens_dropped": t["tokens_dropped"], "num_sequences": sum(p["num_sequences"] for p in t["parts"]),
                 "parts": t["parts"], "per_source": t["per_source"],
                 "validation": {"parts": v["parts"], "per_source": v["per_source"], "tokens_dropped": v["tokens_dropped"]}}
+
+
+class _RankMismatch(Exception):
+    """The rank encoder and the Rust tokenizer gave different ids for a sampled document."""
 
 
 class _PackActor:
@@ -429,18 +478,26 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
                 batch_size: int = 1024, text_column: str = "text", source_column: str = "source",
                 key_column: str = "key", validation_dir: str | os.PathLike | None = None,
                 validation_share: float = 0.0, validation_min_docs: int = 200,
-                workers: int | None = None, ray_address: str | None = None, threads: int = 1) -> dict[str, Any]:
+                workers: int | None = None, ray_address: str | None = None, threads: int = 1,
+                encoder: str = "auto", verify_every: int = 64) -> dict[str, Any]:
     """Tokenize ``cleaned_dir`` (Parquet with ``text``/``source``) with ``tokenizer_dir`` and write
     packed ``seq_len`` sequences to ``out_dir``. Returns the manifest (also ``out_dir/manifest.json``).
 
     ``chunk_bytes``: at most about this many uncompressed Parquet bytes per unit of work (parallelism
     and tail-drop granularity: 128 MiB ~ 40 M tokens); the chunks are of equal size.
     ``shard_tokens``: tokens per shard file (2**26 = 128 MiB of uint16). ``batch_size``: documents per
-    ``encode_batch_fast`` call. ``workers``: Ray actors (default: every CPU of the cluster; 0 = in this
+    encoder call. ``workers``: Ray actors (default: every CPU of the cluster; 0 = in this
     process, no Ray). ``ray_address``: cluster to join when Ray is not initialised yet (else a private
     local one, shut down afterwards).
     ``threads``: encoding threads with ``workers=0`` (with Ray, actors get ``cpus // actors`` threads
     on their own when there are fewer chunks than CPUs). Shards never depend on either.
+    ``encoder``: ``"auto"`` (default) encodes with the tiktoken run of the same BPE
+    (:mod:`polyko.tokenizer.rankbpe`: identical ids, ~5x faster) when the tokenizer qualifies and with
+    the Rust tokenizer otherwise; ``"rank"`` requires it (ValueError naming why not); ``"hf"`` never
+    uses it. ``verify_every``: with the rank encoder, every this-many-th document of each batch is
+    also encoded by the Rust tokenizer (64: ~1.6 % of documents, ~8 % more encoding CPU); a difference
+    re-packs that chunk with the Rust tokenizer and is named in the manifest's ``encoder`` entry
+    (0 = no check). Shards are byte-identical whichever encoder ran, so neither is part of ``pack_key``.
     ``validation_share`` (0 = no split; e.g. 0.005): share of documents, chosen by the hash of
     ``key_column``, packed into ``validation_dir`` instead (required then); every source with at least
     ``validation_min_docs`` documents gets at least one (0 = no minimum). The training manifest's
@@ -457,6 +514,10 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
         raise ValueError(f"validation_share={validation_share} must be in [0, 1)")
     if validation_min_docs < 0:
         raise ValueError(f"validation_min_docs={validation_min_docs} must be >= 0")
+    if encoder not in ("auto", "rank", "hf"):
+        raise ValueError(f"encoder={encoder!r} must be 'auto', 'rank' or 'hf'")
+    if verify_every < 0:
+        raise ValueError(f"verify_every={verify_every} must be >= 0 (0 = no check)")
     split = validation_share > 0
     if split and validation_dir is None:
         raise ValueError("validation_share > 0 needs a validation_dir to write the held-out documents to")
@@ -473,6 +534,13 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
         raise ValueError(f"tokenizer {tokenizer_dir} has no {ENDOFTEXT} token")
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tok_hash = tokenizer_hash(tokenizer_dir)
+    if encoder != "hf":  # decided once here, not per actor
+        from polyko.tokenizer.rankbpe import rank_encoder
+
+        qualifies, why = rank_encoder(tokenizer_dir)
+        if qualifies is None and encoder == "rank":
+            raise ValueError(f"encoder='rank': tokenizer {tokenizer_dir} does not qualify: {why}")
+        encoder = "rank" if qualifies is not None else "hf"
     settings = {"seq_len": seq_len, "chunk_bytes": chunk_bytes, "shard_tokens": shard_tokens,
                 "text_column": text_column, "source_column": source_column, "layout": PACK_LAYOUT,
                 "validation_share": validation_share if split else 0.0,
@@ -510,7 +578,7 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
               "parts_dir": str(parts_dir.resolve()), "seq_len": seq_len, "shard_tokens": shard_tokens,
               "text_column": text_column, "source_column": source_column, "batch_size": batch_size,
               "key_column": key_column, "validation_share": validation_share if split else 0.0,
-              "forced_keys": forced}
+              "forced_keys": forced, "encoder": encoder, "verify_every": verify_every}
     if workers == 0 or not chunks:
         packer = ChunkPacker(**kwargs, threads=threads)
         summaries = [packer.pack(i, c) for i, c in enumerate(chunks)]
@@ -537,6 +605,11 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
                        "rows_per_source": {k: p["rows"] for k, p in vper.items()}}
     for s in summaries:
         s.pop("validation", None)
+    enc_summary = {"rank_chunks": sum(s["encoder"] == "rank" for s in summaries),
+                   "hf_chunks": sum(s["encoder"] == "hf" for s in summaries),
+                   "documents_verified": sum(s["documents_verified"] for s in summaries),
+                   "fallbacks": [{"chunk": s["index"], "why": s["encoder_note"]} for s in summaries
+                                 if "encoder_note" in s]}
     shards = _commit_parts(parts_dir, out, summaries)
     per = _fold_per_source(summaries)
     for s in summaries:
@@ -552,7 +625,7 @@ def pack_corpus(cleaned_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike
         tokens_dropped=sum(s["tokens_dropped"] for s in summaries),
         tokens_per_source={k: p["tokens_input"] for k, p in per.items()},
         rows_per_source={k: p["rows"] for k, p in per.items()}, per_source=per,
-        validation=val_summary, chunks=summaries)
+        validation=val_summary, encoder=enc_summary, chunks=summaries)
 
 
 def _commit_parts(parts_dir: Path, out: Path, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@
     corpus     streaming Parquet/JSONL/text documents, deterministic held-out split
     bpe        the BPE pipeline, special tokens/ids, the saved directory, ``tokenizer_hash``
     fertility  tokens per character / word and morpheme-boundary agreement on held-out text
+    rankbpe    the same BPE run by tiktoken (identical ids, ~5x faster): what packing encodes with
     train      ``TokenizerConfig`` + ``train_tokenizer`` (streaming, MLflow-tracked)
 
 Train on a CPU: ``python jobs/train_tokenizer.py --input DIR/cleaned --output TOKDIR --vocab-size 30000``.
