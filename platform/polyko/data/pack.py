@@ -13,17 +13,18 @@ How (GPT-NeoX / Megatron-style packing, distributed and deterministic):
    uncompressed text, all of about the same size (so the actors finish together).
    The plan depends only on the input, never on the cluster.
 2. tokenize + pack: Ray Data ``map_batches`` runs a pool of ``workers`` actors, one chunk per call.
-   Each actor streams its chunk's rows ``batch_size`` documents at a time through the tokenizer --
-   the tiktoken run of the same BPE (:mod:`polyko.tokenizer.rankbpe`: identical ids, ~5x faster, with
-   a sampled check against the Rust ``Tokenizer.encode_batch_fast``, which it falls back to) or the Rust
-   one itself --, appends ``<|endoftext|>`` (id 2) to every document and concatenates them into **one token stream per source** (the ``source`` column), cuts each into
-   ``seq_len`` rows and writes part shards of at most ``shard_tokens`` tokens, each holding rows of a
-   single source: every packed row belongs to exactly one source, so a sampler can weight sources
-   (as Megatron-LM's blendable datasets and OLMo's per-source arrays do). Memory per actor is at
-   most one chunk's tokens (the per-source buffers together never exceed the chunk). The last
-   ``< seq_len`` tokens of each source's stream in a chunk are dropped (``tokens_dropped``: at most
-   seq_len-1 per source per chunk, ~0.003% per source at the defaults; documents are never split
-   across chunks, so chunks need no coordination).
+   Each actor streams its chunk's rows ``batch_size`` documents at a time through the tokenizer (the
+   tiktoken run of the same BPE, :mod:`polyko.tokenizer.rankbpe`: identical ids, ~5x faster, with a
+   sampled check against the Rust ``Tokenizer.encode_batch_fast``, which it falls back to; or the Rust
+   one itself), appends ``<|endoftext|>`` (id 2) to every document and concatenates them into **one
+   token stream per source** (the ``source`` column), cuts each into ``seq_len`` rows and writes part
+   shards of at most ``shard_tokens`` tokens, each holding rows of a single source: every packed row
+   belongs to exactly one source, so a sampler can weight sources (as Megatron-LM's blendable
+   datasets and OLMo's per-source arrays do). Memory per actor is at most one chunk's tokens (the
+   per-source buffers together never exceed the chunk). The last ``< seq_len`` tokens of each
+   source's stream in a chunk are dropped (``tokens_dropped``: at most seq_len-1 per source per
+   chunk, ~0.003% per source at the defaults; documents are never split across chunks, so chunks
+   need no coordination).
    **Validation split** (``validation_share > 0``): a document is held out when the 64-bit hash
    of its unique ``key`` (:func:`holdout_hashes`) is below ``validation_share * 2**64`` (independent of order, cluster
    and the other documents), and -- so a source of at least ``validation_min_docs`` documents never
