@@ -31,7 +31,7 @@ both). With rank = token id, :func:`rank_encoder` accepts a tokenizer only when:
 * every vocabulary token that is valid UTF-8 encodes to itself the same way in both (a self-check).
 
 What no static check rules out: a pair (A, B) that is NOT a merge although A+B is a token (Polyglot-Ko's
-vocabulary has 9,660 such splits; most are unreachable, e.g. ``Ġ`` + ``ìĿ`` where ``Ġì`` merges first).
+vocabulary has 9,660 such splits; many are unreachable, e.g. ``Ġ`` + ``ìĿ`` where ``Ġì`` merges first).
 tiktoken would merge it if it ever became adjacent with the lowest rank; HF would not. No difference
 was found on the 444k documents above, but the packer does not rely on that: it re-encodes a sample
 of every batch with HF and re-packs the whole chunk with HF on any difference (``verify_every``).
