@@ -307,6 +307,15 @@ def write_scale(corpus: list, tables: list, root: Path, n: int) -> tuple[Path, i
     return out, nbytes
 
 
+def baseline_texts(corpus: list, tables: list) -> tuple[list[str], int]:
+    """The text both speed baselines encode: variants 0 and 1 (real and permuted, equal weight), and
+    its UTF-8 bytes."""
+    texts = [t for _, rows in corpus for t, _ in rows]
+    if len(tables) > 1:
+        texts += [t.translate(tables[1]) for t in texts]
+    return texts, sum(len(t.encode("utf-8")) for t in texts)
+
+
 def encoder_speed(corpus: list, tables: list, tokenizer_dir: Path, batch: int = 1024) -> float | None:
     """CPU MB/s of the packer's rank encoder (``polyko.tokenizer.rankbpe``, one thread) on the
     baseline's text; None when the tokenizer does not qualify (the packer then uses the Rust one)."""
@@ -315,10 +324,7 @@ def encoder_speed(corpus: list, tables: list, tokenizer_dir: Path, batch: int = 
     enc, _ = rank_encoder(tokenizer_dir)
     if enc is None:
         return None
-    texts = [t for _, rows in corpus for t, _ in rows]
-    if len(tables) > 1:
-        texts += [t.translate(tables[1]) for t in texts]
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    texts, nbytes = baseline_texts(corpus, tables)
     c0 = time.thread_time()
     for i in range(0, len(texts), batch):
         enc.encode_docs(texts[i:i + batch])
@@ -331,10 +337,7 @@ def tokenizer_baseline(corpus: list, tables: list, tokenizer_dir: Path, batch: i
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    texts = [t for _, rows in corpus for t, _ in rows]
-    if len(tables) > 1:
-        texts += [t.translate(tables[1]) for t in texts]
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    texts, nbytes = baseline_texts(corpus, tables)
     t0, c0 = time.perf_counter(), time.thread_time()
     for i in range(0, len(texts), batch):
         tok.encode_batch(texts[i:i + batch])

@@ -1,9 +1,11 @@
 """Test inputs for the data pipeline tests: slices of the real shared corpus and files with every kind
-of bad input the readers must survive. Owned by tests/test_pipeline.py and tests/test_io.py."""
+of bad input the readers must survive (owned by tests/test_pipeline.py and tests/test_io.py), and the
+digest of a packed token directory that the packing tests compare outputs by."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -12,6 +14,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
+
+def shard_digest(out: Path) -> str:
+    """sha256 over a packed token directory's shard names and bytes, in manifest order."""
+    from polyko.data.shards import read_manifest
+
+    h = hashlib.sha256()
+    for s in read_manifest(out)["shards"]:
+        h.update(s["file"].encode())
+        h.update((out / s["file"]).read_bytes())
+    return h.hexdigest()
+
 
 PHONE_OR_MAIL = re.compile(r"@|01[016789][-. ]?\d{3,4}[-. ]?\d{4}")
 

@@ -4,7 +4,6 @@ local Ray cluster vs. in-process), idempotent reruns. Tokenizer: the released Po
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline_helpers import shard_digest
 from polyko.data.pack import PACK_LAYOUT, pack_corpus, plan_chunks
 from polyko.data.shards import TokenShards, read_manifest
 from polyko.tokenizer import load_tokenizer, tokenizer_hash
@@ -67,14 +67,6 @@ def _stream(tok, texts: list[str]) -> np.ndarray:
 def _all_tokens(out: Path) -> np.ndarray:
     ts = TokenShards(out)
     return np.concatenate([ts[i] for i in range(len(ts))]).astype(np.int64) if len(ts) else np.zeros(0, np.int64)
-
-
-def _shard_digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for s in read_manifest(out)["shards"]:
-        h.update(s["file"].encode())
-        h.update((out / s["file"]).read_bytes())
-    return h.hexdigest()
 
 
 def _source_tokens(out: Path) -> dict[str, np.ndarray]:
@@ -143,7 +135,7 @@ def test_pack_is_deterministic_across_workers(tmp_path, cleaned, polyglot_tokeni
     m0 = pack_corpus(cleaned, polyglot_tokenizer_dir, tmp_path / "w0", workers=0, **kw)
     m2 = pack_corpus(cleaned, polyglot_tokenizer_dir, tmp_path / "w2", workers=2, **kw)
     assert len(m0["chunks"]) >= 4
-    assert _shard_digest(tmp_path / "w0") == _shard_digest(tmp_path / "w2")
+    assert shard_digest(tmp_path / "w0") == shard_digest(tmp_path / "w2")
     strip = lambda m: {k: v for k, v in m.items() if k != "source_dir"}   # noqa: E731
     assert strip(m0) == strip(m2)
 
@@ -193,7 +185,7 @@ def test_pack_threads_give_identical_shards(tmp_path, cleaned, polyglot_tokenize
               validation_dir=None)
     m1 = pack_corpus(cleaned, polyglot_tokenizer_dir, tmp_path / "t1", threads=1, **kw)
     m3 = pack_corpus(cleaned, polyglot_tokenizer_dir, tmp_path / "t3", threads=3, **kw)
-    assert _shard_digest(tmp_path / "t1") == _shard_digest(tmp_path / "t3")
+    assert shard_digest(tmp_path / "t1") == shard_digest(tmp_path / "t3")
     strip = lambda m: {k: v for k, v in m.items() if k != "source_dir"}   # noqa: E731
     assert strip(m1) == strip(m3) and m1["num_sequences"] > 0
 

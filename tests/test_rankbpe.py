@@ -4,7 +4,6 @@ which the two really differ -- the packer's sampled check catches it and re-pack
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
+from pipeline_helpers import shard_digest
 from polyko.data.pack import pack_corpus
-from polyko.data.shards import read_manifest
 from polyko.tokenizer import MARKER
 from polyko.tokenizer.rankbpe import byte_symbols, rank_encoder
 
@@ -102,13 +101,6 @@ def test_rank_encoder_refuses_what_it_cannot_reproduce(tmp_path, polyglot_tokeni
     assert rust.encode("😀", add_special_tokens=False).ids != enc.encode_docs(["😀"])[0][:-1].tolist()
 
 
-def _digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for s in read_manifest(out)["shards"]:
-        h.update((out / s["file"]).read_bytes())
-    return h.hexdigest()
-
-
 def test_pack_falls_back_to_the_rust_tokenizer_on_a_sampled_difference(tmp_path):
     tokdir = _byte_bpe(tmp_path / "emoji", EMOJI_MERGES)
     cleaned = tmp_path / "cleaned"
@@ -123,11 +115,11 @@ def test_pack_falls_back_to_the_rust_tokenizer_on_a_sampled_difference(tmp_path)
     m = pack_corpus(cleaned, tokdir, tmp_path / "rank", encoder="rank", verify_every=8, **kw)
     assert m["encoder"]["rank_chunks"] == 0 and m["encoder"]["hf_chunks"] == 1
     assert len(m["encoder"]["fallbacks"]) == 1 and "document 40 😀" in m["encoder"]["fallbacks"][0]["why"]
-    assert _digest(tmp_path / "rank") == _digest(tmp_path / "hf") and m["pack_key"] == hf["pack_key"]
+    assert shard_digest(tmp_path / "rank") == shard_digest(tmp_path / "hf") and m["pack_key"] == hf["pack_key"]
     # a sample that misses it packs different ids: the check is what keeps the shards exact
     miss = pack_corpus(cleaned, tokdir, tmp_path / "miss", encoder="rank", verify_every=7, **kw)
     assert miss["encoder"]["rank_chunks"] == 1 and miss["encoder"]["documents_verified"] == 5 + 5 + 5 + 1
-    assert _digest(tmp_path / "miss") != _digest(tmp_path / "hf")
+    assert shard_digest(tmp_path / "miss") != shard_digest(tmp_path / "hf")
 
 
 def test_pack_encoder_choice(tmp_path, polyglot_tokenizer_dir):
@@ -140,7 +132,7 @@ def test_pack_encoder_choice(tmp_path, polyglot_tokenizer_dir):
     hf = pack_corpus(cleaned, polyglot_tokenizer_dir, tmp_path / "hf", encoder="hf", **kw)
     assert auto["encoder"]["rank_chunks"] == 1 and auto["encoder"]["documents_verified"] == 5  # 0, 64, ... 256
     assert hf["encoder"]["hf_chunks"] == 1 and hf["pack_key"] == auto["pack_key"]
-    assert _digest(tmp_path / "auto") == _digest(tmp_path / "hf")
+    assert shard_digest(tmp_path / "auto") == shard_digest(tmp_path / "hf")
     nfc = _byte_bpe(tmp_path / "nfc", [(b"a", b"b")], normalizer="nfc")
     with pytest.raises(ValueError, match="does not qualify: it has a normalizer"):
         pack_corpus(cleaned, nfc, tmp_path / "x", encoder="rank", **kw)

@@ -275,7 +275,6 @@ def test_rank_encoder_reproduces_the_trained_tokenizer(trained, cleaned):
     """Packing encodes with the tiktoken run of the BPE when it qualifies: polyko's own tokenizer does,
     with the same ids as the Rust tokenizer on real documents and on adversarial strings (PII tokens,
     <|endoftext|> inside a document, emoji sequences, NUL, BOM, CRLF, the U+0CF1 marker)."""
-    import pyarrow.parquet as pq
     from tokenizers import Tokenizer
 
     from polyko.tokenizer.rankbpe import rank_encoder

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline_helpers import shard_digest
 from polyko.data.pack import holdout_hash, holdout_threshold, pack_corpus
 from polyko.data.shards import TokenShards, read_manifest
 from polyko.tokenizer import load_tokenizer
@@ -37,13 +38,6 @@ def _by_source(out):
         acc.setdefault(sh["source"], []).extend(ts[i] for i in range(row, row + sh["num_sequences"]))
         row += sh["num_sequences"]
     return {k: np.concatenate(v).astype(np.int64) for k, v in acc.items()}
-
-
-def _digest(out):
-    h = hashlib.sha256()
-    for s in read_manifest(out)["shards"]:
-        h.update((out / s["file"]).read_bytes())
-    return h.hexdigest()
 
 
 def test_split_is_deterministic_disjoint_and_counted(tmp_path, corpus_dir, polyglot_tokenizer_dir):
@@ -89,8 +83,8 @@ def test_split_is_deterministic_disjoint_and_counted(tmp_path, corpus_dir, polyg
     m2 = pack_corpus(tmp_path / "cleaned", polyglot_tokenizer_dir, tmp_path / "again" / "tokens",
                      validation_dir=tmp_path / "again" / "validation", **kw)
     assert m2["pack_key"] == m["pack_key"]
-    assert _digest(data / "tokens") == _digest(tmp_path / "again" / "tokens")
-    assert _digest(data / "validation") == _digest(tmp_path / "again" / "validation")
+    assert shard_digest(data / "tokens") == shard_digest(tmp_path / "again" / "tokens")
+    assert shard_digest(data / "validation") == shard_digest(tmp_path / "again" / "validation")
     # share 0: no split, a different pack_key (so caches re-pack), every document trains
     m0 = pack_corpus(tmp_path / "cleaned", polyglot_tokenizer_dir, tmp_path / "nosplit" / "tokens", seq_len=SEQ,
                      shard_tokens=SEQ * 20, workers=0)

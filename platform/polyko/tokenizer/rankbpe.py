@@ -67,8 +67,8 @@ def byte_symbols() -> dict[int, str]:
 class RankEncoder:
     """tiktoken ``Encoding`` of a qualifying tokenizer.json (build it with :func:`rank_encoder`)."""
 
-    def __init__(self, encoding, eos: int, eos_token: str, removed: str | None, sentinel: int | None):
-        self.encoding, self.eos, self.eos_token = encoding, eos, eos_token
+    def __init__(self, encoding, eos: int, removed: str | None, sentinel: int | None):
+        self.encoding, self.eos = encoding, eos
         self.removed, self.sentinel = removed, sentinel
         self._allowed = encoding.special_tokens_set  # every added token is matched in the text, as in HF
 
@@ -84,8 +84,8 @@ class RankEncoder:
         the eos token's text itself is encoded one document at a time."""
         if not texts:
             return np.zeros(0, np.uint32), np.zeros(0, np.int64)
-        joined = self.eos_token.join(texts) + self.eos_token
-        if joined.count(self.eos_token) == len(texts):
+        joined = ENDOFTEXT.join(texts) + ENDOFTEXT
+        if joined.count(ENDOFTEXT) == len(texts):
             flat = self._encode(joined)
             if self.removed is not None and self.removed in joined:
                 flat = flat[flat != self.sentinel]
@@ -103,12 +103,17 @@ class RankEncoder:
         return np.append(ids, np.uint32(self.eos))
 
 
+def _pre_steps(d: dict) -> list[dict]:
+    """A tokenizer.json's pre-tokenizer steps, in order (a Sequence unrolled)."""
+    pre = d.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+
 def _qualify(d: dict) -> str | None:
     """Why a tokenizer.json's pipeline is not one tiktoken reproduces (None: it is)."""
     if d.get("normalizer") is not None:
         return "it has a normalizer"
-    pre = d.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    steps = _pre_steps(d)
     if not steps or steps[-1].get("type") != "ByteLevel":
         return "its pre-tokenizer does not end in ByteLevel"
     bl = steps[-1]
@@ -172,8 +177,7 @@ def rank_encoder(tokenizer_dir: str | os.PathLike) -> tuple[RankEncoder | None, 
         return None, "its merge results' ids do not increase in merge order"
     if ENDOFTEXT not in specials:
         return None, f"it has no {ENDOFTEXT} token"
-    pre = d["pre_tokenizer"]
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    steps = _pre_steps(d)  # checked by _qualify: [ByteLevel] or [Split(literal, Removed), ByteLevel]
     removed = steps[0]["pattern"]["String"] if len(steps) == 2 else None
     sentinel = None
     if removed is not None:
@@ -183,7 +187,7 @@ def rank_encoder(tokenizer_dir: str | os.PathLike) -> tuple[RankEncoder | None, 
         specials = {**specials, removed: sentinel}
     enc = tiktoken.Encoding(f"polyko-{f.parent.name}", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks,
                             special_tokens=specials)
-    out = RankEncoder(enc, specials[ENDOFTEXT], ENDOFTEXT, removed, sentinel)
+    out = RankEncoder(enc, specials[ENDOFTEXT], removed, sentinel)
     # self-check: every token that is text encodes the same way in both (catches a non-merge pair that
     # concatenates to a token inside a single token's bytes -- the commonest way the two could differ)
     from tokenizers import Tokenizer
